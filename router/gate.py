@@ -1,0 +1,64 @@
+"""Routing: which experts should answer each input.
+
+Every router maps frozen image features ``(B, D)`` to scores ``(B, E)`` over the zoo's experts;
+:func:`top_k` turns scores into sparse weights. Later policies replace the scoring, not this
+interface.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from router.stats import TaskStats
+
+
+@dataclass
+class Routing:
+    """Top-k experts per input: indices ``(B, k)`` into ``names`` and weights summing to 1."""
+
+    names: list[str]
+    indices: torch.Tensor
+    weights: torch.Tensor
+    scores: torch.Tensor
+
+    def as_dicts(self) -> list[dict[str, float]]:
+        return [
+            {self.names[int(i)]: round(float(w), 6) for i, w in zip(idx, wt)}
+            for idx, wt in zip(self.indices, self.weights)
+        ]
+
+
+def top_k(scores: torch.Tensor, names: list[str], k: int = 1) -> Routing:
+    """Softmax over the k best scores of each row (log-likelihood-like scores)."""
+    k = max(1, min(k, scores.shape[1]))
+    val, idx = scores.topk(k, dim=1)
+    return Routing(names, idx, torch.softmax(val, dim=1), scores)
+
+
+class NearestStatsRouter:
+    """Each input goes to the task whose Gaussian (mean, shrunk covariance) fits it best.
+
+    Score = Gaussian log-likelihood ``-0.5 * (mahalanobis^2 + log det cov + D log 2pi)``;
+    no old images are needed, only each task's :class:`TaskStats`.
+    """
+
+    name = "nearest-stats"
+
+    def __init__(self, stats: dict[str, TaskStats]):
+        self.names = list(stats)
+        self._mean = torch.stack([s.mean for s in stats.values()]) if stats else torch.empty(0)
+        self._prec = torch.stack([torch.linalg.inv(s.cov) for s in stats.values()]) if stats else torch.empty(0)
+        self._logdet = torch.stack([torch.linalg.slogdet(s.cov)[1] for s in stats.values()]) if stats else torch.empty(0)
+
+    def scores(self, feats: torch.Tensor) -> torch.Tensor:
+        x = feats.double()
+        diff = x[:, None, :] - self._mean[None]                       # (B, E, D)
+        maha = torch.einsum("bed,edf,bef->be", diff, self._prec, diff)
+        d = x.shape[1]
+        return (-0.5 * (maha + self._logdet[None] + d * math.log(2 * math.pi))).float()
+
+    def route(self, feats: torch.Tensor, k: int = 1) -> Routing:
+        return top_k(self.scores(feats), self.names, k)

@@ -1,0 +1,72 @@
+"""Continual-learning metrics as pure functions of the accuracy matrix.
+
+``R[i][j]`` is the accuracy on task ``j``'s test set after training step ``i`` (T x T, fractions
+in 0..1). Entries with ``j > i`` are accuracies on tasks not learned yet (zero-shot transfer).
+Each metric is defined once here, with its formula; all are fractions in 0..1 except BWT, which
+may be negative (forgetting makes BWT < 0 and Forgetting > 0).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+Matrix = Sequence[Sequence[float]]
+
+
+def _m(R: Matrix) -> np.ndarray:
+    a = np.asarray(R, dtype=float)
+    if a.ndim != 2 or a.shape[0] != a.shape[1] or a.shape[0] == 0:
+        raise ValueError(f"accuracy matrix must be square and non-empty, got shape {a.shape}")
+    return a
+
+
+def avg_accuracy(R: Matrix) -> float:
+    """Avg = (1/T) * sum_i [ (1/(i+1)) * sum_{j<=i} R[i][j] ]: mean over steps of the seen-task mean."""
+    a = _m(R)
+    return float(np.mean([a[i, : i + 1].mean() for i in range(len(a))]))
+
+
+def last_accuracy(R: Matrix) -> float:
+    """Last = (1/T) * sum_j R[T-1][j]: mean accuracy over all tasks after the final step."""
+    return float(_m(R)[-1].mean())
+
+
+def forgetting(R: Matrix) -> float:
+    """Forgetting = (1/(T-1)) * sum_{j<T-1} ( max_{j<=i<T-1} R[i][j] - R[T-1][j] ); 0 when T == 1."""
+    a = _m(R)
+    T = len(a)
+    if T == 1:
+        return 0.0
+    return float(np.mean([a[j:T - 1, j].max() - a[T - 1, j] for j in range(T - 1)]))
+
+
+def backward_transfer(R: Matrix) -> float:
+    """BWT = (1/(T-1)) * sum_{j<T-1} ( R[T-1][j] - R[j][j] ); negative means forgetting; 0 when T == 1."""
+    a = _m(R)
+    T = len(a)
+    if T == 1:
+        return 0.0
+    return float(np.mean([a[T - 1, j] - a[j, j] for j in range(T - 1)]))
+
+
+def transfer(R: Matrix) -> float:
+    """Transfer (MTIL) = (1/(T-1)) * sum_{j>=1} [ (1/j) * sum_{i<j} R[i][j] ]: accuracy on tasks
+    before they are learned; 0 when T == 1."""
+    a = _m(R)
+    T = len(a)
+    if T == 1:
+        return 0.0
+    return float(np.mean([a[:j, j].mean() for j in range(1, T)]))
+
+
+def summary(R: Matrix) -> dict[str, float]:
+    """All matrix metrics, rounded to 6 places."""
+    return {
+        "avg": round(avg_accuracy(R), 6),
+        "last": round(last_accuracy(R), 6),
+        "forgetting": round(forgetting(R), 6),
+        "bwt": round(backward_transfer(R), 6),
+        "transfer": round(transfer(R), 6),
+    }

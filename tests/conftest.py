@@ -1,0 +1,64 @@
+"""Shared fixtures. Real image data is found via --data-dir, $CLIPZOO_DATA or ../shared/data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_addoption(parser):
+    parser.addoption("--data-dir", default=None, help="root of the real ImageFolder domains (<domain>/{train,test})")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _feature_cache(tmp_path_factory):
+    """Keep the feature cache of the test session out of the user's home."""
+    old = os.environ.get("CLIPZOO_CACHE")
+    os.environ["CLIPZOO_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if old is None:
+        os.environ.pop("CLIPZOO_CACHE", None)
+    else:
+        os.environ["CLIPZOO_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
+def data_root(request) -> Path:
+    """The real domains; skips (with the reason) when they are not on this machine."""
+    opt = request.config.getoption("--data-dir") or os.environ.get("CLIPZOO_DATA")
+    root = Path(opt) if opt else REPO.parent / "shared" / "data"
+    if not (root / "mnist" / "train").is_dir():
+        pytest.skip(f"real image data not found at {root}: pass --data-dir or set CLIPZOO_DATA")
+    return root
+
+
+@pytest.fixture(scope="session")
+def builtin_tasks():
+    """Small versions of the built-in synthetic domains (fast)."""
+    from tasks.data import builtin_domains, load_builtin
+
+    return {d: load_builtin(d, n_train=24, n_test=8) for d in builtin_domains()}
+
+
+@pytest.fixture
+def fast_train():
+    from zoo.train import TrainSettings
+
+    return TrainSettings(epochs=5, batch_size=32)
+
+
+@pytest.fixture
+def empty_zoo(tmp_path):
+    from zoo.zoo import Zoo
+
+    return Zoo.create(tmp_path / "zoo")
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    """Every file under ``root`` (but the lock) with its bytes: to prove a zoo did not change."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name != ".lock"}

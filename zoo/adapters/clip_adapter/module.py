@@ -1,0 +1,36 @@
+"""CLIP-Adapter: a residual bottleneck MLP on the frozen image embedding, and a classifier
+initialised from the class-name text embeddings.
+
+``x = ratio * up(relu(down(f))) + (1 - ratio) * f``; logits = ``scale * norm(x) @ norm(W)^T``.
+Unlike the paper, ``up`` has no trailing ReLU and starts at zero, so a fresh adapter returns
+exactly the zero-shot logits (a ReLU after a zero-initialised layer would never get a gradient).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from zoo.adapters import ExpertContext
+from zoo.adapters.clip_adapter.config import CLIPAdapterConfig
+
+
+class CLIPAdapter(nn.Module):
+    stage = "feature"  # works on the frozen image embedding, so it trains from the feature cache
+
+    def __init__(self, cfg: CLIPAdapterConfig, ctx: ExpertContext):
+        super().__init__()
+        self.cfg = cfg
+        dim = ctx.class_emb.shape[1]
+        self.down = nn.Linear(dim, max(1, dim // cfg.reduction), bias=False)
+        self.up = nn.Linear(max(1, dim // cfg.reduction), dim, bias=False)
+        nn.init.zeros_(self.up.weight)
+        self.head = nn.Parameter(ctx.class_emb.clone().float(), requires_grad=cfg.learn_head)
+
+    def adapt_image(self, f: torch.Tensor) -> torch.Tensor:
+        r = self.cfg.ratio
+        return F.normalize(r * self.up(F.relu(self.down(f))) + (1 - r) * f, dim=-1)
+
+    def classifier(self, class_emb: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.head, dim=-1)

@@ -1,0 +1,113 @@
+"""Feature cache: each image is encoded by the frozen backbone once per
+(backbone fingerprint, preprocessing, image content).
+
+Keys are sha256 of the image file's bytes (or of an in-memory image's mode, size and pixels).
+Entries live in append-only safetensors shards under ``<root>/<namespace>/``, where the namespace
+hashes the fingerprint and the preprocessing; a shard is written atomically, so a crash loses at
+most the batch being encoded. The root is ``$CLIPZOO_CACHE`` or ``~/.cache/clipzoo``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save
+
+from tasks.data import open_image
+from tasks.spec import ImageSource
+from zoo.registry import atomic_write_bytes
+
+
+def default_root() -> Path:
+    return Path(os.environ.get("CLIPZOO_CACHE") or Path.home() / ".cache" / "clipzoo")
+
+
+def content_key(src: ImageSource) -> str:
+    """sha256 of an image's content: file bytes, or mode+size+pixels for in-memory images."""
+    h = hashlib.sha256()
+    if isinstance(src, Image.Image):
+        h.update(f"{src.mode}|{src.size}|".encode())
+        h.update(src.tobytes())
+    else:
+        with open(src, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+class FeatureCache:
+    """Content-addressed store of one backbone's image features."""
+
+    def __init__(self, namespace_parts: Sequence[str], root: Path | None = None):
+        ns = hashlib.sha256("\n".join(namespace_parts).encode()).hexdigest()[:24]
+        self.dir = (root or default_root()) / "features" / ns
+        self._index: dict[str, tuple[Path, int]] | None = None
+
+    def _load_index(self) -> dict[str, tuple[Path, int]]:
+        if self._index is None:
+            self._index = {}
+            for shard in sorted(self.dir.glob("*.safetensors")) if self.dir.is_dir() else []:
+                with safe_open(str(shard), "pt") as f:
+                    keys = json.loads(f.metadata()["keys"])
+                self._index.update({k: (shard, i) for i, k in enumerate(keys)})
+        return self._index
+
+    def get(self, keys: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Cached rows for whichever of ``keys`` are present."""
+        index = self._load_index()
+        by_shard: dict[Path, list[tuple[str, int]]] = {}
+        for k in keys:
+            if k in index:
+                by_shard.setdefault(index[k][0], []).append((k, index[k][1]))
+        out = {}
+        for shard, rows in by_shard.items():
+            with safe_open(str(shard), "pt") as f:
+                feats = f.get_tensor("feats")
+            out.update({k: feats[i] for k, i in rows})
+        return out
+
+    def put(self, keys: Sequence[str], feats: torch.Tensor) -> None:
+        if not keys:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        shard = self.dir / f"{uuid.uuid4().hex}.safetensors"
+        data = save({"feats": feats.contiguous().float()}, metadata={"keys": json.dumps(list(keys))})
+        atomic_write_bytes(shard, data)
+        index = self._load_index()
+        index.update({k: (shard, i) for i, k in enumerate(keys)})
+
+
+def encode_cached(
+    images: Sequence[ImageSource],
+    preprocess: Callable[[Image.Image], torch.Tensor],
+    encode: Callable[[torch.Tensor], torch.Tensor],
+    cache: FeatureCache | None,
+    batch_size: int = 256,
+    progress: Callable[[int], None] | None = None,
+) -> torch.Tensor:
+    """Features for ``images``, encoding only those not already in ``cache``."""
+    keys = [content_key(im) for im in images]
+    found = cache.get(keys) if cache is not None else {}
+    todo = [i for i, k in enumerate(keys) if k not in found]
+    new: dict[str, torch.Tensor] = {}
+    for b in range(0, len(todo), batch_size):
+        idx = todo[b:b + batch_size]
+        pixels = torch.stack([preprocess(open_image(images[i])) for i in idx])
+        feats = encode(pixels)
+        bkeys = [keys[i] for i in idx]
+        if cache is not None:
+            cache.put(bkeys, feats)
+        new.update(zip(bkeys, feats))
+        if progress:
+            progress(len(idx))
+    if progress and len(todo) < len(keys):
+        progress(len(keys) - len(todo))
+    return torch.stack([found[k] if k in found else new[k] for k in keys]) if keys else torch.empty(0)
