@@ -87,7 +87,8 @@ class NaiveSequential:
         offset = sum(len(self.class_embs[s]) for s in range(t))
         return fit(m, x, y + offset, self.train, extra_loss=self.extra_loss, desc=f"{self.name} {t}", progress=False)
 
-    def extra_loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
+    def extra_loss(self, model: nn.Module, x: tuple[torch.Tensor, ...], y: torch.Tensor):
+        """Regulariser added to the loss (none for naive; EWC/LwF-style variants override it)."""
         return None
 
     @torch.no_grad()

@@ -43,8 +43,13 @@ class Expert(nn.Module):
     def kind(self) -> str:
         return "+".join(c.kind for c in self.configs)
 
-    def forward(self, feats: torch.Tensor) -> torch.Tensor:
-        """Logits ``(B, C)`` from frozen image embeddings ``(B, D)``."""
+    @property
+    def needs_pixels(self) -> bool:
+        """True when a module works inside the image encoder, so cached features are not enough."""
+        return any(getattr(m, "stage", "feature") != "feature" for m in self.stack)
+
+    def forward(self, feats: torch.Tensor, pixels: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits ``(B, C)`` from frozen image embeddings ``(B, D)`` (and pixels, for in-encoder kinds)."""
         w = self.class_emb
         for m in self.stack:
             feats = m.adapt_image(feats) if hasattr(m, "adapt_image") else feats

@@ -34,9 +34,10 @@ def param_groups(model: nn.Module, s: TrainSettings) -> list[dict]:
     return groups
 
 
-def fit(model: nn.Module, feats: torch.Tensor, labels: torch.Tensor, s: TrainSettings,
+def fit(model: nn.Module, inputs: torch.Tensor | tuple[torch.Tensor, ...], labels: torch.Tensor, s: TrainSettings,
         extra_loss=None, desc: str = "train", progress: bool = True) -> dict:
-    """Cross-entropy training of ``model(feats) -> logits``; ``extra_loss(model, x, y)`` is added.
+    """Cross-entropy training of ``model(*inputs) -> logits``; ``extra_loss(model, x, y)`` is added
+    (``x`` is the batch's inputs tuple). ``inputs`` is one tensor or a tuple of row-aligned tensors.
 
     Returns the final training loss, training accuracy and seconds taken.
     """
@@ -47,6 +48,7 @@ def fit(model: nn.Module, feats: torch.Tensor, labels: torch.Tensor, s: TrainSet
     steps = max(1, s.epochs * ((n + s.batch_size - 1) // s.batch_size))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
     t0 = time.perf_counter()
+    inputs = inputs if isinstance(inputs, tuple) else (inputs,)
     model.train()
     loss = torch.tensor(0.0)
     with tqdm(total=steps, desc=desc, disable=not progress, leave=False) as bar:
@@ -54,8 +56,8 @@ def fit(model: nn.Module, feats: torch.Tensor, labels: torch.Tensor, s: TrainSet
             perm = torch.randperm(n, generator=g)
             for b in range(0, n, s.batch_size):
                 idx = perm[b:b + s.batch_size]
-                x, y = feats[idx], labels[idx]
-                loss = F.cross_entropy(model(x), y)
+                x, y = tuple(t[idx] for t in inputs), labels[idx]
+                loss = F.cross_entropy(model(*x), y)
                 extra = extra_loss(model, x, y) if extra_loss is not None else None
                 if extra is not None:
                     loss = loss + extra
@@ -66,5 +68,5 @@ def fit(model: nn.Module, feats: torch.Tensor, labels: torch.Tensor, s: TrainSet
                 bar.update()
     model.eval()
     with torch.no_grad():
-        acc = (model(feats).argmax(1) == labels).float().mean().item()
+        acc = (model(*inputs).argmax(1) == labels).float().mean().item()
     return {"train_loss": float(loss.item()), "train_acc": acc, "train_seconds": time.perf_counter() - t0}

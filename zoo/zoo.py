@@ -13,7 +13,7 @@ import shutil
 import time
 import uuid
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from tqdm import tqdm
@@ -106,6 +106,12 @@ class Zoo:
         with tqdm(total=len(images), desc=desc, disable=not progress or len(images) < 64, leave=False) as bar:
             return encode_cached(images, bb.preprocess, bb.encode_images, self.feature_cache(), progress=bar.update)
 
+    def pixels(self, images: Sequence[ImageSource]) -> torch.Tensor:
+        """Preprocessed pixels ``(N, 3, H, W)`` for experts that work inside the encoder."""
+        from tasks.data import open_image
+
+        return torch.stack([self.backbone.preprocess(open_image(im)) for im in images])
+
     # ----- experts --------------------------------------------------------------------------
     @property
     def names(self) -> list[str]:
@@ -159,14 +165,16 @@ class Zoo:
         x_train = self.features(task.train.images, f"encode {name}/train", progress)
         y_train = torch.tensor(task.train.labels)
         zero_shot = build_expert(kind, bb, task.classes, task.templates, settings)
-        history = fit(expert, x_train, y_train, train, desc=f"train {name}", progress=progress)
+        inputs = (x_train, self.pixels(task.train.images)) if expert.needs_pixels else (x_train,)
+        history = fit(expert, inputs, y_train, train, desc=f"train {name}", progress=progress)
         metrics = {k: round(v, 6) for k, v in history.items()}
         if len(task.test):
             x_test = self.features(task.test.images, f"encode {name}/test", progress)
+            test_in = (x_test, self.pixels(task.test.images)) if expert.needs_pixels else (x_test,)
             y_test = torch.tensor(task.test.labels)
             with torch.no_grad():
-                metrics["test_acc"] = round(accuracy(expert(x_test).argmax(1), y_test), 6)
-                metrics["zero_shot_acc"] = round(accuracy(zero_shot(x_test).argmax(1), y_test), 6)
+                metrics["test_acc"] = round(accuracy(expert(*test_in).argmax(1), y_test), 6)
+                metrics["zero_shot_acc"] = round(accuracy(zero_shot(*test_in).argmax(1), y_test), 6)
         stats = compute_stats(x_train, y_train, len(task.classes))
         n_params = expert.trainable_params()
         record = {
@@ -247,8 +255,11 @@ class Zoo:
             raise RegistryError(f"the zoo at {self.root} has no experts yet: add one with 'clipzoo add-task'")
         return self.router().route(feats, top_k)
 
-    def predict_features(self, feats: torch.Tensor, task: str | None = None, top_k: int = 1) -> list[dict]:
-        """Predictions for frozen features; each input runs only through its chosen expert."""
+    def predict_features(self, feats: torch.Tensor, task: str | None = None, top_k: int = 1,
+                         pixels: Callable[[list[int]], torch.Tensor] | None = None) -> list[dict]:
+        """Predictions for frozen features; each input runs only through its chosen expert
+        (inputs grouped by expert). ``pixels(indices)`` supplies preprocessed pixels for experts
+        that work inside the encoder."""
         if task is not None:
             self.record(task)
             chosen = [task] * len(feats)
@@ -261,8 +272,11 @@ class Zoo:
         for name in dict.fromkeys(chosen):
             idx = [i for i, c in enumerate(chosen) if c == name]
             exp = self.expert(name)
+            if exp.needs_pixels and pixels is None:
+                raise ConfigError(f"expert {name!r} ({exp.kind}) needs images, not only cached features")
+            args = (feats[idx], pixels(idx)) if exp.needs_pixels else (feats[idx],)
             with torch.no_grad():
-                probs = exp(feats[idx]).softmax(1)
+                probs = exp(*args).softmax(1)
             score, label = probs.max(1)
             for j, i in enumerate(idx):
                 out[i] = {"task": name, "label": exp.classes[int(label[j])], "score": round(float(score[j]), 6),
@@ -272,7 +286,7 @@ class Zoo:
     def predict(self, images: Sequence[ImageSource], task: str | None = None, top_k: int = 1,
                 progress: bool = False) -> list[dict]:
         feats = self.features(images, "encode", progress)
-        preds = self.predict_features(feats, task, top_k)
+        preds = self.predict_features(feats, task, top_k, pixels=lambda idx: self.pixels([images[i] for i in idx]))
         for i, (img, p) in enumerate(zip(images, preds)):
             p["path"] = str(img) if isinstance(img, (str, Path)) else f"<image {i}>"
         return [{"path": p.pop("path"), **p} for p in preds]
@@ -285,7 +299,7 @@ class Zoo:
         """
         td = data if isinstance(data, TaskData) else load_task(data)
         feats = self.features(td.test.images, "encode", progress)
-        preds = self.predict_features(feats, task)
+        preds = self.predict_features(feats, task, pixels=lambda idx: self.pixels([td.test.images[i] for i in idx]))
         own = task or (td.name if td.name in self.registry["experts"] else next(
             (n for n, r in self.registry["experts"].items() if r["classes"] == td.classes), None))
         true = [td.classes[y] for y in td.test.labels]
