@@ -143,7 +143,7 @@ def run_benchmark(tasks: list[TaskData], settings: BenchSettings = BenchSettings
         "per_step": steps,
         "per_task": {t.name: {"classes": len(t.classes), "n_train": len(t.train), "n_test": len(t.test),
                               "oracle_acc": R["zoo-oracle"][T - 1][k], "routed_acc": R["zoo"][T - 1][k],
-                              "zero_shot_acc": R["zero-shot"][k][k] if k < T else None}
+                              "zero_shot_acc": _acc(baselines[0].given(feats[k][2], k) == feats[k][3])}
                      for k, t in enumerate(tasks)},
         "baselines": base,
         "timing": {"encode_seconds": round(encode_seconds, 3), "add_task_seconds": add_seconds,

@@ -56,6 +56,20 @@ class Expert(nn.Module):
             w = m.classifier(w) if hasattr(m, "classifier") else w
         return self.logit_scale * feats @ w.T
 
+    def adapted_features(self, feats: torch.Tensor, pixels: torch.Tensor | None = None) -> torch.Tensor:
+        """The adapted image features ``(B, D)`` that :meth:`forward` scores (used by fusion);
+        ``forward(f, p) == logit_scale * adapted_features(f, p) @ class_weights().T``."""
+        for m in self.stack:
+            feats = m.adapt_image(feats) if hasattr(m, "adapt_image") else feats
+        return feats
+
+    def class_weights(self) -> torch.Tensor:
+        """The adapted classifier ``(C, D)`` that :meth:`forward` scores against."""
+        w = self.class_emb
+        for m in self.stack:
+            w = m.classifier(w) if hasattr(m, "classifier") else w
+        return w
+
     def trainable_params(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 

@@ -18,6 +18,8 @@ from typing import Callable, Sequence
 import torch
 from tqdm import tqdm
 
+from router.fusion import KIND as FUSION_KIND
+from router.fusion import MODES, FusionExpert, FusionSettings, load_fusion_expert
 from router.gate import NearestStatsRouter, Routing
 from router.stats import TaskStats, compute_stats
 from tasks.data import load_task
@@ -132,7 +134,11 @@ class Zoo:
         cached = self._experts.get(name)
         if cached and cached[0] == rec["sha256"]:
             return cached[1]
-        exp = load_expert(self.expert_dir(name), self.backbone)
+        if rec["kind"] == FUSION_KIND:
+            exp = load_fusion_expert(self.expert_dir(name), self.backbone.fingerprint, self.expert,
+                                     lambda n: self.record(n)["sha256"])
+        else:
+            exp = load_expert(self.expert_dir(name), self.backbone)
         self._experts[name] = (rec["sha256"], exp)
         return exp
 
@@ -148,11 +154,15 @@ class Zoo:
 
     # ----- adding and removing tasks --------------------------------------------------------
     def add_task(self, data: TaskData | str | Path, name: str | None = None, kind: str = "clip-adapter",
-                 settings: dict | None = None, train: TrainSettings = TrainSettings(), progress: bool = True) -> dict:
+                 settings: dict | None = None, train: TrainSettings = TrainSettings(), progress: bool = True,
+                 sources: Sequence[str] | None = None) -> dict:
         """Train a fresh expert for a new task and commit it atomically; other experts are untouched.
 
         Any failure (bad data, bad settings, an interrupted write) leaves the zoo as it was.
+        ``kind='fusion'`` composes existing experts (``sources``, default all) instead.
         """
+        if kind == FUSION_KIND or sources:
+            return self._add_fusion_task(data, name, kind, sources, settings, train, progress)
         t0 = time.perf_counter()
         task = data if isinstance(data, TaskData) else load_task(data, name=name)
         name = check_name(name or task.name)
@@ -223,8 +233,15 @@ class Zoo:
                 raise
             self.registry = reg
 
-    def remove(self, name: str) -> None:
-        """Drop an expert: the registry first (atomic), then its folder."""
+    def remove(self, name: str, cascade: bool = False) -> None:
+        """Drop an expert: the registry first (atomic), then its folder. An expert that fusion
+        experts compose is refused, or removed after them with ``cascade=True``."""
+        users = self.dependents(name)
+        if users and not cascade:
+            raise RegistryError(f"expert {name!r} is a source of fusion expert(s) {', '.join(users)}: "
+                                "remove those first, or use --cascade to remove them too")
+        for user in users:
+            self.remove(user, cascade=True)
         with registry.lock(self.root):
             reg = registry.read(self.root)
             if name not in reg["experts"]:
@@ -256,10 +273,13 @@ class Zoo:
         return self.router().route(feats, top_k)
 
     def predict_features(self, feats: torch.Tensor, task: str | None = None, top_k: int = 1,
-                         pixels: Callable[[list[int]], torch.Tensor] | None = None) -> list[dict]:
+                         pixels: Callable[[list[int]], torch.Tensor] | None = None, mode: str = "top1") -> list[dict]:
         """Predictions for frozen features; each input runs only through its chosen expert
         (inputs grouped by expert). ``pixels(indices)`` supplies preprocessed pixels for experts
-        that work inside the encoder."""
+        that work inside the encoder. ``mode`` 'avg' / 'fusion' combine the routed top-k
+        (:meth:`predict_fused`); a given ``task`` ignores it."""
+        if mode != "top1" and task is None:
+            return self.predict_fused(feats, top_k, pixels, mode)
         if task is not None:
             self.record(task)
             chosen = [task] * len(feats)
@@ -284,9 +304,10 @@ class Zoo:
         return out
 
     def predict(self, images: Sequence[ImageSource], task: str | None = None, top_k: int = 1,
-                progress: bool = False) -> list[dict]:
+                progress: bool = False, mode: str = "top1") -> list[dict]:
         feats = self.features(images, "encode", progress)
-        preds = self.predict_features(feats, task, top_k, pixels=lambda idx: self.pixels([images[i] for i in idx]))
+        preds = self.predict_features(feats, task, top_k, pixels=lambda idx: self.pixels([images[i] for i in idx]),
+                                      mode=mode)
         for i, (img, p) in enumerate(zip(images, preds)):
             p["path"] = str(img) if isinstance(img, (str, Path)) else f"<image {i}>"
         return [{"path": p.pop("path"), **p} for p in preds]

@@ -1,0 +1,148 @@
+"""The zoo: adding tasks never changes old experts, writes are atomic, routing picks the task."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+
+import pytest
+import torch
+
+from conftest import snapshot
+from tasks.data import load_builtin
+from zoo import registry
+from zoo.errors import BackboneError, DataError, RegistryError
+from zoo.train import TrainSettings
+from zoo.zoo import Zoo
+
+
+def test_add_tasks_keeps_old_experts_byte_identical(empty_zoo, builtin_tasks, fast_train):
+    z = empty_zoo
+    z.add_task(builtin_tasks["shapes"], train=fast_train, progress=False)
+    first = snapshot(z.expert_dir("shapes"))
+    sha = z.record("shapes")["sha256"]
+    for d in ("colours", "textures"):
+        z.add_task(builtin_tasks[d], train=fast_train, progress=False)
+    assert snapshot(z.expert_dir("shapes")) == first
+    assert Zoo.open(z.root).record("shapes")["sha256"] == sha
+    assert z.verify()["ok"]
+
+
+def test_records_carry_the_registry_schema(empty_zoo, builtin_tasks, fast_train):
+    rec = empty_zoo.add_task(builtin_tasks["digits"], train=fast_train, progress=False)
+    assert set(registry.EXPERT_KEYS) <= set(rec)
+    assert rec["kind"] == "clip-adapter" and rec["classes"][0] == "zero"
+    assert 0 < rec["trainable_share"] < 0.05
+    assert rec["trainable_params"] == sum(p.numel() for p in empty_zoo.expert("digits").parameters() if p.requires_grad)
+    assert 0.0 <= rec["metrics"]["test_acc"] <= 1.0
+    registry.validate(json.loads((empty_zoo.root / "registry.json").read_text()))
+
+
+def test_verify_detects_a_flipped_byte(empty_zoo, builtin_tasks, fast_train):
+    empty_zoo.add_task(builtin_tasks["shapes"], train=fast_train, progress=False)
+    w = empty_zoo.expert_dir("shapes") / "weights.safetensors"
+    data = bytearray(w.read_bytes())
+    data[-1] ^= 1
+    w.write_bytes(bytes(data))
+    rep = empty_zoo.verify()
+    assert not rep["ok"] and rep["problems"] == ["shapes/weights.safetensors: sha256 mismatch"]
+
+
+def test_failed_add_task_leaves_zoo_unchanged(empty_zoo, builtin_tasks, fast_train, monkeypatch, tmp_path):
+    z = empty_zoo
+    z.add_task(builtin_tasks["shapes"], train=fast_train, progress=False)
+    before = snapshot(z.root)
+    with pytest.raises(RegistryError, match="already exists"):
+        z.add_task(builtin_tasks["shapes"], train=fast_train, progress=False)
+    with pytest.raises(DataError):
+        z.add_task(tmp_path / "missing", name="x", train=fast_train, progress=False)
+
+    def crash(*a, **k):
+        raise KeyboardInterrupt("power cut during the registry write")
+
+    monkeypatch.setattr(registry, "atomic_write_bytes", crash)
+    with pytest.raises(KeyboardInterrupt):
+        z.add_task(builtin_tasks["colours"], train=fast_train, progress=False)
+    assert snapshot(z.root) == before
+    assert Zoo.open(z.root).names == ["shapes"]
+
+
+def _add(args):
+    root, domain = args
+    z = Zoo.open(root)
+    z.add_task(load_builtin(domain, 12, 4), train=TrainSettings(epochs=2), progress=False)
+    return domain
+
+
+def test_concurrent_add_task_loses_nothing(empty_zoo):
+    with mp.get_context("spawn").Pool(2) as pool:
+        done = pool.map(_add, [(str(empty_zoo.root), "shapes"), (str(empty_zoo.root), "digits")])
+    z = Zoo.open(empty_zoo.root)
+    assert sorted(z.names) == sorted(done) == ["digits", "shapes"]
+    assert z.verify()["ok"]
+
+
+def test_predict_routes_mixed_inputs_and_remove(empty_zoo, builtin_tasks, fast_train):
+    z = empty_zoo
+    for d, td in builtin_tasks.items():
+        z.add_task(td, train=fast_train, progress=False)
+    images, truth = [], []
+    for d, td in builtin_tasks.items():
+        images += td.test.images
+        truth += [d] * len(td.test)
+    preds = z.predict(images, top_k=2)
+    assert sum(p["task"] == t for p, t in zip(preds, truth)) / len(truth) > 0.9
+    assert all(len(p["routing"]) == 2 and abs(sum(p["routing"].values()) - 1) < 1e-4 for p in preds)
+    assert {"path", "task", "label", "score", "routing"} <= set(preds[0])
+    given = z.predict(images[:3], task="digits")
+    assert all(p["task"] == "digits" for p in given)
+    z.remove("digits")
+    assert "digits" not in Zoo.open(z.root).names and not z.expert_dir("digits").exists()
+    with pytest.raises(RegistryError, match="no expert named"):
+        z.predict(images[:1], task="digits")
+
+
+def test_feature_cache_encodes_each_image_once(empty_zoo, builtin_tasks, tmp_path):
+    z = empty_zoo
+    z.cache_root = tmp_path / "fresh-cache"
+    calls = []
+    bb = z.backbone
+    original = bb.encode_images
+
+    def counting(pixels):
+        calls.append(len(pixels))
+        return original(pixels)
+
+    bb.encode_images = counting
+    try:
+        imgs = builtin_tasks["colours"].test.images
+        a = z.features(imgs, progress=False)
+        b = z.features(imgs, progress=False)
+    finally:
+        del bb.encode_images
+    assert sum(calls) == len(imgs)
+    assert torch.equal(a, b)
+    assert torch.equal(Zoo.open(z.root, cache_root=z.cache_root).features(imgs, progress=False), a)
+
+
+def test_expert_on_another_backbone_is_refused(empty_zoo, builtin_tasks, fast_train, tmp_path):
+    from safetensors.torch import load_file, save_file
+    from zoo.backbone import EMBEDDED_WEIGHTS, BackboneSpec
+
+    empty_zoo.add_task(builtin_tasks["shapes"], train=fast_train, progress=False)
+    sd = load_file(str(EMBEDDED_WEIGHTS))
+    sd["logit_scale"] = sd["logit_scale"] + 0.25
+    other = tmp_path / "other.safetensors"
+    save_file(sd, str(other))
+    z2 = Zoo.create(tmp_path / "z2", BackboneSpec("clipzoo-tiny", str(other)))
+    from zoo.expert import load_expert
+
+    with pytest.raises(BackboneError, match="trained on backbone"):
+        load_expert(empty_zoo.expert_dir("shapes"), z2.backbone)
+
+
+def test_create_refuses_existing_zoo(empty_zoo):
+    with pytest.raises(RegistryError, match="already exists"):
+        Zoo.create(empty_zoo.root)
+    with pytest.raises(RegistryError, match="no zoo at"):
+        Zoo.open(empty_zoo.root / "nothing")
