@@ -27,7 +27,12 @@ Two uses:
   The experts have disjoint class spaces, so the answer is a (task, class) pair scored as a
   mixture: ``p(e, c | x) = a_e(x) * softmax_c(scale_e * z @ W_e^T)`` over the router's top-k
   experts ``e`` (``W_e`` = expert e's adapted classifier). The fusion weights act as a learned task
-  posterior and the fused feature is read by each candidate's own classifier. The comparison
+  posterior and the fused feature is read by each candidate's own classifier. Here the attention
+  logits also get the router's log-weight with a learned scale, ``q . k_e / sqrt(D) + beta log r_e``
+  ("router top-k plus fusion"): without it the attention, trained on pseudo-features only, chose
+  the task less often than the router itself did (0.78 vs 0.82 on mnist/fashion/cifar10/gtsrb with
+  the tiny CLIP); with it, fusion starts from the router's belief and learns how far to trust it
+  against the experts' features (beta settled near 0.3 there). The comparison
   modes use the same union: ``'avg'`` gives each of the top-k weight ``1/k`` and scores each
   expert's own adapted feature (uniform averaging of the experts' output distributions),
   ``'top1'`` answers with the router's first choice only.
@@ -36,8 +41,9 @@ Two uses:
   the first time fusion mode is used on a given set of experts, on a fixed budget of
   *pseudo-features* drawn from each expert's stored class statistics (``class_means`` +
   ``class_cov`` of :mod:`router.stats`, unit-normalised like real features), routed by the
-  zoo's router so the candidate sets look like those at test time. Cost: fixed samples x top-k
-  expert calls, independent of how many tasks the zoo holds (routing is the only O(E) part).
+  zoo's router so the candidate sets look like those at test time. Cost: a fixed budget of
+  samples and optimiser steps whatever the number of tasks (only routing the samples and reading
+  the experts grow with it); ``add-task`` itself does no fusion work.
   Being a deterministic function of (expert files, k, settings, seed), it is a cache, stored as
   ``<cache root>/fusion/<key>.safetensors``, never inside the zoo directory.
 """
@@ -49,7 +55,7 @@ import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -64,6 +70,7 @@ from zoo.registry import atomic_write_bytes
 MODES = ("top1", "avg", "fusion")
 KIND = "fusion"
 BASE = "<frozen>"  # name of the identity candidate in a composed expert's fusion weights
+FORMAT_VERSION = 2  # of the global fusion's cache files: bump when GlobalFusion's tensors change
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "weights.safetensors"
 
@@ -85,10 +92,12 @@ class AdapterFusion(nn.Module):
             self.key.weight.uniform_(-bound, bound, generator=g)
             self.value.weight.copy_(torch.eye(dim))
 
-    def forward(self, f: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``f (B, D)``, ``h (B, K, D)`` -> fused ``z (B, D)`` (unit norm), weights ``a (B, K)``."""
+    def forward(self, f: torch.Tensor, h: torch.Tensor, bias: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``f (B, D)``, ``h (B, K, D)`` -> fused ``z (B, D)`` (unit norm), weights ``a (B, K)``;
+        ``bias (B, K)`` is added to the attention logits."""
         s = torch.einsum("bd,bkd->bk", self.query(f), self.key(h)) / math.sqrt(f.shape[1])
-        a = s.softmax(dim=1)
+        a = (s if bias is None else s + bias).softmax(dim=1)
         return F.normalize(torch.einsum("bk,bkd->bd", a, self.value(h)), dim=-1), a
 
 
@@ -100,7 +109,7 @@ def _pixels_for(exp: nn.Module, name: str, rows: list[int], pixels: PixelFn | No
     return pixels(rows)
 
 
-def gather_features(experts: Sequence[nn.Module], names: Sequence[str], cand: torch.Tensor, feats: torch.Tensor,
+def gather_features(experts: Mapping[int, nn.Module], names: Sequence[str], cand: torch.Tensor, feats: torch.Tensor,
                     pixels: PixelFn | None = None) -> torch.Tensor:
     """``H (B, K, D)``: candidate ``cand[b, j]``'s adapted feature of input ``b``; each expert runs
     once on the inputs that chose it."""
@@ -113,7 +122,7 @@ def gather_features(experts: Sequence[nn.Module], names: Sequence[str], cand: to
     return H
 
 
-def slot_best(experts: Sequence[nn.Module], cand: torch.Tensor, Z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def slot_best(experts: Mapping[int, nn.Module], cand: torch.Tensor, Z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Best class per slot: log-probability and label ``(B, K)`` of expert ``cand[b, j]``'s
     classifier on ``Z[b, j]``."""
     logp = Z.new_zeros(cand.shape)
@@ -130,9 +139,9 @@ def slot_best(experts: Sequence[nn.Module], cand: torch.Tensor, Z: torch.Tensor)
 @dataclass
 class FusionSettings:
     n_pseudo: int = 4096
-    epochs: int = 30
-    lr: float = 5e-3
-    batch_size: int = 256
+    epochs: int = 40
+    lr: float = 1e-2
+    batch_size: int = 1024
     seed: int = 0
 
 
@@ -142,18 +151,24 @@ class GlobalFusion(nn.Module):
     def __init__(self, dim: int, seed: int = 0):
         super().__init__()
         self.fusion = AdapterFusion(dim, seed)
+        self.prior_scale = nn.Parameter(torch.ones(()))
 
-    def predict(self, experts: Sequence[nn.Module], names: Sequence[str], cand: torch.Tensor, feats: torch.Tensor,
-                pixels: PixelFn | None = None) -> dict[str, torch.Tensor]:
+    def forward(self, f: torch.Tensor, h: torch.Tensor, log_r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fused feature and weights; ``log_r (B, K)``: the router's log-weights, a learned-scale prior."""
+        return self.fusion(f, h, self.prior_scale * log_r)
+
+    def predict(self, experts: Mapping[int, nn.Module], names: Sequence[str], cand: torch.Tensor,
+                router_weights: torch.Tensor, feats: torch.Tensor, pixels: PixelFn | None = None
+                ) -> dict[str, torch.Tensor]:
         """Mixture answer over the candidates: chosen slot, its label, ``p(e, c)`` and weights ``a``."""
         H = gather_features(experts, names, cand, feats, pixels)
         with torch.no_grad():
-            z, a = self.fusion(feats, H)
+            z, a = self(feats, H, router_weights.clamp_min(1e-30).log())
         logp, label = slot_best(experts, cand, z[:, None].expand_as(H))
         return _mixture(a, logp, label)
 
 
-def average_predict(experts: Sequence[nn.Module], names: Sequence[str], cand: torch.Tensor, feats: torch.Tensor,
+def average_predict(experts: Mapping[int, nn.Module], names: Sequence[str], cand: torch.Tensor, feats: torch.Tensor,
                     pixels: PixelFn | None = None) -> dict[str, torch.Tensor]:
     """Uniform average of the candidates' own output distributions over the union of their classes."""
     H = gather_features(experts, names, cand, feats, pixels)
@@ -185,26 +200,28 @@ def sample_pseudo(stats: Sequence[TaskStats], n_total: int, seed: int) -> tuple[
     return torch.cat(xs), torch.cat(ts), torch.cat(cs)
 
 
-def train_global_fusion(experts: Sequence[nn.Module], names: Sequence[str], stats: Sequence[TaskStats],
-                        route: Callable[[torch.Tensor], torch.Tensor], dim: int,
+def train_global_fusion(experts: Mapping[int, nn.Module], names: Sequence[str], stats: Sequence[TaskStats],
+                        route: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]], dim: int,
                         s: FusionSettings = FusionSettings()) -> tuple[GlobalFusion, dict]:
-    """Fit a :class:`GlobalFusion` on pseudo-features; ``route(x)`` gives the top-k candidates ``(N, k)``.
+    """Fit a :class:`GlobalFusion` on pseudo-features; ``route(x)`` gives the top-k candidates and
+    the router's weights, both ``(N, k)``.
 
     Loss: ``-log p(true task, true class)`` of the mixture, on samples whose true task the router
     put in the top-k (others have no right answer to learn). Experts stay frozen.
     """
-    for name, exp in zip(names, experts):
+    for name, exp in zip(names, (experts[e] for e in range(len(names)))):
         if getattr(exp, "needs_pixels", False):
             raise ConfigError(f"fusion mode trains on feature statistics, but expert {name!r} ({exp.kind}) "
                               "works inside the image encoder: use --mode top1 or avg")
     x, t, c = sample_pseudo(stats, s.n_pseudo, s.seed)
-    cand = route(x)
+    cand, r = route(x)
     hit = cand == t[:, None]
     keep = hit.any(1)
     x, t, c, cand, slot = x[keep], t[keep], c[keep], cand[keep], hit[keep].float().argmax(1)
+    log_r = r[keep].clamp_min(1e-30).log()
     H = gather_features(experts, names, cand, x)
-    W, valid = _padded_classifiers(experts)
-    scale = torch.tensor([float(exp.logit_scale) for exp in experts])
+    W, valid = _padded_classifiers([experts[e] for e in range(len(names))])
+    scale = torch.tensor([float(experts[e].logit_scale) for e in range(len(names))])
     model = GlobalFusion(dim, s.seed)
     opt = torch.optim.Adam(model.parameters(), lr=s.lr)
     g = torch.Generator().manual_seed(s.seed)
@@ -213,7 +230,7 @@ def train_global_fusion(experts: Sequence[nn.Module], names: Sequence[str], stat
         perm = torch.randperm(len(x), generator=g)
         for b in range(0, len(x), s.batch_size):
             i = perm[b:b + s.batch_size]
-            z, a = model.fusion(x[i], H[i])
+            z, a = model(x[i], H[i], log_r[i])
             logits = scale[t[i], None] * torch.einsum("bd,bcd->bc", z, W[t[i]])
             logp = logits.masked_fill(~valid[t[i]], float("-inf")).log_softmax(1)
             nll = -a.gather(1, slot[i, None]).clamp_min(1e-12).log()[:, 0] - logp.gather(1, c[i, None])[:, 0]
@@ -222,7 +239,8 @@ def train_global_fusion(experts: Sequence[nn.Module], names: Sequence[str], stat
             loss.backward()
             opt.step()
     model.eval()
-    info = {"n_pseudo": int(keep.numel()), "n_used": int(keep.sum()), "final_loss": round(float(loss), 6)}
+    info = {"n_pseudo": int(keep.numel()), "n_used": int(keep.sum()), "final_loss": round(float(loss.detach()), 6),
+            "prior_scale": round(float(model.prior_scale.detach()), 6)}
     return model, info
 
 
@@ -237,10 +255,10 @@ def _padded_classifiers(experts: Sequence[nn.Module]) -> tuple[torch.Tensor, tor
     return W, valid
 
 
-def fusion_key(records: dict[str, dict], top_k: int, s: FusionSettings) -> str:
-    """Identifies a global fusion: every expert's weights hash, ``k`` and the settings."""
-    blob = json.dumps({"experts": sorted((n, r["sha256"]) for n, r in records.items()), "k": top_k,
-                       "settings": asdict(s), "version": 1}, sort_keys=True)
+def fusion_key(records: dict[str, dict], router: dict, top_k: int, s: FusionSettings) -> str:
+    """Identifies a global fusion: every expert's weights hash, the router, ``k`` and the settings."""
+    blob = json.dumps({"experts": sorted((n, r["sha256"]) for n, r in records.items()), "router": router, "k": top_k,
+                       "settings": asdict(s), "version": FORMAT_VERSION}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
@@ -250,9 +268,11 @@ def load_or_train_global(cache_dir: Path, key: str, dim: int, train: Callable[[]
     path = cache_dir / f"{key}.safetensors"
     if path.is_file():
         model = GlobalFusion(dim)
-        data = path.read_bytes()
-        model.load_state_dict(load(data), strict=True)
-        return model.eval(), {"cached": True}
+        try:
+            model.load_state_dict(load(path.read_bytes()), strict=True)
+            return model.eval(), {"cached": True}
+        except (RuntimeError, ValueError, OSError):  # a damaged cache file: train it again
+            pass
     model, info = train()
     cache_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
@@ -270,7 +290,7 @@ class FusionExpert(nn.Module):
                  class_emb: torch.Tensor, logit_scale: float, fingerprint: str, include_base: bool = True,
                  source_sha256: dict[str, str] | None = None, seed: int = 0):
         super().__init__()
-        if not sources:
+        if not sources and not include_base:
             raise ConfigError("a fusion expert needs at least one source expert (--from A,B)")
         self._sources = dict(sources)  # a plain dict: not submodules, so never trained nor saved here
         self.source_sha256 = dict(source_sha256 or {})
@@ -299,8 +319,7 @@ class FusionExpert(nn.Module):
         """Fused feature ``(B, D)`` and fusion weights ``(B, K)`` over :attr:`candidates`."""
         with torch.no_grad():
             hs = [s.adapted_features(feats, pixels if s.needs_pixels else None) for s in self._sources.values()]
-        if self.include_base:
-            hs.append(feats)
+        hs += [feats] if self.include_base else []
         return self.fusion(feats, torch.stack(hs, dim=1))
 
     def adapted_features(self, feats: torch.Tensor, pixels: torch.Tensor | None = None) -> torch.Tensor:

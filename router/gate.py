@@ -1,8 +1,10 @@
 """Routing: which experts should answer each input.
 
 Every router maps frozen image features ``(B, D)`` to scores ``(B, E)`` over the zoo's experts;
-:func:`top_k` turns scores into sparse weights. Later policies replace the scoring, not this
-interface.
+:func:`top_k` turns scores into sparse weights. Every router also carries the calibrated OOD
+detector of :mod:`router.ood`: an input whose ``ood_score`` exceeds 0 belongs to no known task and
+is marked ``fallback`` (the zoo answers it with zero-shot CLIP). Policies: :class:`NearestStatsRouter`
+(here) and the learned :class:`router.learned.SparseRouter`.
 """
 
 from __future__ import annotations
@@ -12,17 +14,27 @@ from dataclasses import dataclass
 
 import torch
 
+from router.ood import DEFAULT_QUANTILE, OODDetector, detector_from_stats
 from router.stats import TaskStats
 
 
 @dataclass
 class Routing:
-    """Top-k experts per input: indices ``(B, k)`` into ``names`` and weights summing to 1."""
+    """Top-k experts per input: indices ``(B, k)`` into ``names`` and weights summing to 1, and the
+    calibrated OOD score ``(B,)`` (``None`` when the router has no detector)."""
 
     names: list[str]
     indices: torch.Tensor
     weights: torch.Tensor
     scores: torch.Tensor
+    ood_score: torch.Tensor | None = None
+
+    @property
+    def fallback(self) -> torch.Tensor:
+        """``(B,)`` bool: the input belongs to no known task (``ood_score > 0``)."""
+        if self.ood_score is None:
+            return torch.zeros(len(self.indices), dtype=torch.bool)
+        return self.ood_score > 0
 
     def as_dicts(self) -> list[dict[str, float]]:
         return [
@@ -31,11 +43,11 @@ class Routing:
         ]
 
 
-def top_k(scores: torch.Tensor, names: list[str], k: int = 1) -> Routing:
+def top_k(scores: torch.Tensor, names: list[str], k: int = 1, ood_score: torch.Tensor | None = None) -> Routing:
     """Softmax over the k best scores of each row (log-likelihood-like scores)."""
     k = max(1, min(k, scores.shape[1]))
     val, idx = scores.topk(k, dim=1)
-    return Routing(names, idx, torch.softmax(val, dim=1), scores)
+    return Routing(names, idx, torch.softmax(val, dim=1), scores, ood_score)
 
 
 class NearestStatsRouter:
@@ -47,8 +59,9 @@ class NearestStatsRouter:
 
     name = "nearest-stats"
 
-    def __init__(self, stats: dict[str, TaskStats]):
+    def __init__(self, stats: dict[str, TaskStats], ood_quantile: float = DEFAULT_QUANTILE):
         self.names = list(stats)
+        self.ood: OODDetector = detector_from_stats(list(stats.values()), ood_quantile)
         self._mean = torch.stack([s.mean for s in stats.values()]) if stats else torch.empty(0)
         self._prec = torch.stack([torch.linalg.inv(s.cov) for s in stats.values()]) if stats else torch.empty(0)
         self._logdet = torch.stack([torch.linalg.slogdet(s.cov)[1] for s in stats.values()]) if stats else torch.empty(0)
@@ -61,4 +74,4 @@ class NearestStatsRouter:
         return (-0.5 * (maha + self._logdet[None] + d * math.log(2 * math.pi))).float()
 
     def route(self, feats: torch.Tensor, k: int = 1) -> Routing:
-        return top_k(self.scores(feats), self.names, k)
+        return top_k(self.scores(feats), self.names, k, self.ood.score(feats))

@@ -2,18 +2,22 @@
 
 For each task: the task mean and a Ledoit-Wolf shrunk covariance of its training features,
 plus per-class means and counts and the pooled within-class shrunk covariance (what a router
-needs to sample pseudo-features of old tasks later). Stored as ``stats.safetensors``.
+needs to sample pseudo-features of old tasks later), and the quantiles of held-out
+in-distribution OOD scores that calibrate the fallback (:mod:`router.ood`). Stored as
+``stats.safetensors``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from sklearn.covariance import LedoitWolf
+
+from router.ood import class_gaussians, heldout_quantiles
 
 STATS_FILE = "stats.safetensors"
 
@@ -25,6 +29,7 @@ class TaskStats:
     class_means: torch.Tensor   # (C, D)
     class_counts: torch.Tensor  # (C,)
     class_cov: torch.Tensor     # (D, D) pooled within-class shrunk covariance
+    ood_quantiles: torch.Tensor  # (101,) quantiles of held-out in-distribution OOD scores
 
     def save(self, folder: Path) -> str:
         save_file({k: v.contiguous().double() for k, v in self.__dict__.items()}, str(folder / STATS_FILE))
@@ -32,7 +37,14 @@ class TaskStats:
 
     @classmethod
     def load(cls, folder: Path) -> "TaskStats":
-        return cls(**load_file(str(folder / STATS_FILE)))
+        tensors = load_file(str(folder / STATS_FILE))
+        missing = sorted({f.name for f in fields(cls)} - set(tensors))
+        if missing:
+            from zoo.errors import RegistryError
+
+            raise RegistryError(f"{folder / STATS_FILE} lacks {', '.join(missing)} (written by an older clipzoo): "
+                                "remove the task and add it again")
+        return cls(**{f.name: tensors[f.name] for f in fields(cls)})
 
 
 def _shrunk_cov(x: np.ndarray) -> np.ndarray:
@@ -43,12 +55,12 @@ def compute_stats(feats: torch.Tensor, labels: torch.Tensor, num_classes: int) -
     """Statistics of one task's training features ``(N, D)`` with labels in ``0..C-1``."""
     x = feats.double().numpy()
     y = labels.numpy()
-    means = np.stack([x[y == c].mean(0) if (y == c).any() else x.mean(0) for c in range(num_classes)])
-    centred = x - means[y]
+    means, class_cov = class_gaussians(x, y, num_classes)
     return TaskStats(
         mean=torch.from_numpy(x.mean(0)),
         cov=torch.from_numpy(_shrunk_cov(x)),
         class_means=torch.from_numpy(means),
         class_counts=torch.from_numpy(np.bincount(y, minlength=num_classes).astype(np.float64)),
-        class_cov=torch.from_numpy(_shrunk_cov(centred)),
+        class_cov=torch.from_numpy(class_cov),
+        ood_quantiles=heldout_quantiles(feats, labels, num_classes),
     )

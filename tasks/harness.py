@@ -1,31 +1,60 @@
-"""The forgetting benchmark: train through a task sequence and fill each method's accuracy matrix.
+"""The forgetting benchmark: train through task sequences and fill each method's accuracy matrix.
 
-The zoo is a real zoo directory (``OUT/zoo``) grown with ``Zoo.add_task``; baselines run on the
-same cached frozen features with the same epochs, learning rate and seed. Lower-triangle entries
-(``j <= i``) are task-agnostic for every method unless it says ``uses_task_ids``: an answer counts
-only if it names the right task and the right class. Upper-triangle entries (``j > i``) give the
-task's class names (zero-shot transfer to a task not learned yet).
+For every (order, seed) run the zoo is a real zoo directory grown with ``Zoo.add_task``; the
+baselines (:mod:`tasks.baselines`) run in the same run on the same cached frozen features with the
+same epochs, learning rate and seed. Lower-triangle entries (``j <= i``) are task-agnostic unless
+a method says ``uses_task_ids``: an answer counts only if it names the right task and the right
+class. Upper-triangle entries (``j > i``) give the task's class names (zero-shot transfer to a
+task not learned yet). Finished steps are checkpointed (:mod:`tasks.resume`), so ``resume=True``
+continues a crashed run. The result's layout is documented in ``tasks/REPORT_SCHEMA.md``.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import platform
+import resource
 import shutil
+import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from tqdm import tqdm
 
-from tasks.baselines import NaiveSequential, ZeroShot
-from tasks.data import builtin_domains, load_builtin, load_imagefolder
-from tasks.metrics import summary
+from tasks import baselines as B
+from tasks.metrics import mean_std, seen_accuracy_per_step, summary
+from tasks.resume import StepStore
+from tasks.sequence import load_sequence, task_orders
 from tasks.spec import TaskData
-from zoo.backbone import BackboneSpec
+from tasks.synthetic import DOMAINS as REFERENCE_VOCAB
+from zoo.backbone import Backbone, BackboneSpec, load_backbone
+from zoo.cache import FeatureCache, encode_cached
+from zoo.errors import ConfigError
 from zoo.train import TrainSettings
 from zoo.zoo import Zoo
+
+__all__ = ["BenchSettings", "default_methods", "load_sequence", "run_benchmark", "METHODS", "ZOO_ROWS"]
+
+SCHEMA_VERSION = 2
+ZOO_ROWS = ("zoo", "zoo-oracle")
+METHODS = ("zero-shot", "naive", "ewc", "lwf", "zscl", "joint")
+CROSS_CHECKS = ("avalanche-naive", "avalanche-ewc", "avalanche-lwf")
+METRIC_KEYS = ("avg", "last", "forgetting", "bwt", "transfer", "task_agnostic_acc", "oracle_acc",
+               "routing_accuracy", "trainable_params", "stored_params", "train_seconds", "infer_ms_per_image")
+
+
+def avalanche_available() -> bool:
+    """Whether the optional avalanche-lib is installed (``clipzoo[bench]``), without importing it."""
+    return importlib.util.find_spec("avalanche") is not None
+
+
+def default_methods() -> list[str]:
+    """Every baseline, plus the avalanche-lib cross-checks when that optional extra is installed."""
+    return list(METHODS) + (list(CROSS_CHECKS) if avalanche_available() else [])
 
 
 @dataclass
@@ -37,123 +66,318 @@ class BenchSettings:
     kind: str = "clip-adapter"
     backbone: str = "clipzoo-tiny"
     pretrained: str | None = "embedded"
+    orders: int = 1
+    seeds: int = 1
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    ewc_lambda: float = 1e3
+    lwf_alpha: float = 1.0
+    zscl_beta: float = 1.0
+    threads: int = 1  # torch threads; tiny feature-space models run fastest (and steadiest) on one
+    # the shared-adapter baselines train their heads at the full lr (as avalanche's strategies do;
+    # stronger baselines than the experts' 0.1x recipe); the zoo's experts keep TrainSettings' default
+    baseline_head_lr_scale: float = 1.0
 
-    def train(self) -> TrainSettings:
-        return TrainSettings(epochs=self.epochs, lr=self.lr, batch_size=self.batch_size, seed=self.seed)
 
+    def train(self, seed: int | None = None) -> TrainSettings:
+        return TrainSettings(epochs=self.epochs, lr=self.lr, batch_size=self.batch_size,
+                             seed=self.seed if seed is None else seed)
 
-def load_sequence(domains: list[str], builtin: str | None = None) -> list[TaskData]:
-    """ImageFolder directories in the given order, or the built-in synthetic domains."""
-    seq = [load_builtin(d) for d in builtin_domains()] if builtin == "synthetic" else []
-    seq += [load_imagefolder(d) for d in domains]
-    if len(seq) < 2:
-        from zoo.errors import ConfigError
-
-        raise ConfigError("a benchmark needs at least 2 tasks: give DOMAIN_DIRs or --builtin synthetic")
-    return seq
+    def check(self) -> None:
+        unknown = [m for m in self.methods if m not in METHODS + CROSS_CHECKS]
+        if unknown:
+            raise ConfigError(f"unknown method(s) {', '.join(unknown)}: "
+                              f"choose from {', '.join(METHODS + CROSS_CHECKS)}")
+        if any(m in CROSS_CHECKS for m in self.methods) and not avalanche_available():
+            raise ConfigError("the avalanche-* cross-checks need avalanche-lib: pip install 'clipzoo[bench]'")
+        if min(self.epochs, self.batch_size, self.seeds, self.threads) < 1 or self.lr <= 0:
+            raise ConfigError("epochs, batch size, --seeds and --threads must be >= 1 and lr > 0")
 
 
 def machine_info() -> dict:
     return {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "device": "cpu"}
+            "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": "cpu"}
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (ru_maxrss; KiB on Linux, bytes on macOS)."""
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(r / (1 << 20) if platform.system() == "Darwin" else r / 1024, 1)
 
 
 def _acc(ok: torch.Tensor) -> float:
     return round(float(ok.float().mean()), 6) if len(ok) else 0.0
 
 
+def _build(names: list[str], embs: list[torch.Tensor], bb: Backbone, train: TrainSettings, s: BenchSettings) -> list:
+    scale = bb.logit_scale
+    reference = bb.class_embeddings(sorted({c for cs in REFERENCE_VOCAB.values() for c in cs}),
+                                    ["a photo of a {}."]) if "zscl" in names else None
+    make = {
+        "zero-shot": lambda: B.ZeroShot(embs, scale),
+        "naive": lambda: B.NaiveSequential(embs, scale, train),
+        "ewc": lambda: B.EWC(embs, scale, train, lam=s.ewc_lambda),
+        "lwf": lambda: B.LwF(embs, scale, train, alpha=s.lwf_alpha),
+        "zscl": lambda: B.ZSCL(embs, scale, train, reference=reference, beta=s.zscl_beta),
+        "joint": lambda: B.Joint(embs, scale, train),
+    }
+    if any(n in CROSS_CHECKS for n in names):
+        from tasks.avalanche_check import make_cross_checks
+
+        make.update(make_cross_checks(embs, scale, train, s))
+    return [make[n]() for n in names]
+
+
+def _zoo_params(zoo: Zoo) -> tuple[int, int, int]:
+    """(trainable, stored, router) numbers of the zoo: the experts' trainable parameters; everything
+    stored (experts' weights, per-task statistics, a learned router's file); the router file's share."""
+    trainable = sum(int(r["trainable_params"]) for r in zoo.list())
+    files = [f for f in zoo.registry.get("router", {}).get("files", {}) if f.endswith(".safetensors")]
+    router = sum(B.numel(load_file(str(zoo.root / f)).values()) for f in files)
+    stored = router + sum(B.numel(zoo.expert(n).state_dict().values())
+                          + B.numel(v for v in vars(zoo.stats(n)).values() if isinstance(v, torch.Tensor))
+                          for n in zoo.names)
+    return trainable, stored, router
+
+
+def _open_zoo(zoo_dir: Path, s: BenchSettings, done: list[str], cache_root: Path | None) -> Zoo:
+    """A fresh zoo, or (resuming) the existing one with any expert beyond the finished steps removed."""
+    if done and (zoo_dir / "registry.json").is_file():
+        zoo = Zoo.open(zoo_dir, cache_root)
+        if set(done) <= set(zoo.names):
+            for extra in [n for n in zoo.names if n not in done]:
+                zoo.remove(extra)  # trained in a step that crashed before its checkpoint
+            return zoo
+        raise ConfigError(f"cannot resume: the zoo in {zoo_dir} lacks experts of finished steps; drop --resume")
+    shutil.rmtree(zoo_dir, ignore_errors=True)
+    return Zoo.create(zoo_dir, BackboneSpec(s.backbone, s.pretrained), cache_root=cache_root)
+
+
+def _evaluate_step(i: int, tasks: list[TaskData], feats: list, zoo: Zoo, methods: list) -> dict:
+    """Row ``i`` of every method's matrix, with pooled correct counts over the seen tasks."""
+    T = len(tasks)
+    zs = next(m for m in methods if m.name == "zero-shot")
+    rows = {n: [0.0] * T for n in ZOO_ROWS + tuple(m.name for m in methods)}
+    pooled = {n: {"agnostic": 0, "given": 0, "n": 0} for n in rows}
+    routed_n, fallback_n = 0, 0
+    fallback_seen = False
+    seen = list(range(i + 1))
+    for j in range(T):
+        x, y = feats[j][2], feats[j][3]
+        if j > i:  # not learned yet: zero-shot transfer with the task's class names
+            rows["zoo"][j] = rows["zoo-oracle"][j] = _acc(zs.given(x, j) == y)
+            for m in methods:
+                rows[m.name][j] = _acc(m.unseen(x, j) == y)
+            continue
+        truth = [tasks[j].classes[int(c)] for c in y]
+        preds = zoo.predict_features(x)
+        routed = torch.tensor([p["task"] == tasks[j].name for p in preds])
+        ok = routed & torch.tensor([p["label"] == t for p, t in zip(preds, truth)])
+        oracle = torch.tensor([p["label"] == t for p, t in zip(zoo.predict_features(x, task=tasks[j].name), truth)])
+        fallback_seen |= any("fallback" in p for p in preds)
+        fallback_n += sum(bool(p.get("fallback", False)) for p in preds)
+        rows["zoo"][j], rows["zoo-oracle"][j] = _acc(ok), _acc(oracle)
+        routed_n += int(routed.sum())
+        for name, agn, giv in (("zoo", ok, oracle), ("zoo-oracle", oracle, oracle)):
+            pooled[name]["agnostic"] += int(agn.sum())
+            pooled[name]["given"] += int(giv.sum())
+            pooled[name]["n"] += len(y)
+        for m in methods:
+            if m.uses_task_ids:
+                agn = m.given(x, j) == y
+            else:
+                bt, bc = m.agnostic(x, seen)
+                agn = (bt == j) & (bc == y)
+            rows[m.name][j] = _acc(agn)
+            pooled[m.name]["agnostic"] += int(agn.sum())
+            pooled[m.name]["given"] += int((m.given(x, j) == y).sum())
+            pooled[m.name]["n"] += len(y)
+    n = pooled["zoo"]["n"]
+    return {"rows": rows, "pooled": pooled, "routed": routed_n, "n_seen": n,
+            "fallback": fallback_n if fallback_seen else None}
+
+
+def _timed_ms(fn, n: int, repeat: int = 3) -> float:
+    """Milliseconds per input: the best of ``repeat`` timed calls after one warm-up call."""
+    fn()
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return round(1000 * best / max(1, n), 4)
+
+
+def _ood(zoo: Zoo, held: tuple[str, torch.Tensor] | None, last: dict) -> dict:
+    """Fallback rate on the held-out domain vs false-fallback rate on the known domains."""
+    if held is None:
+        return {"holdout": None, "available": False, "reason": "no --holdout domain given"}
+    name, x = held
+    preds = zoo.predict_features(x)
+    routed_to = {n: round(sum(p["task"] == n for p in preds) / len(preds), 6) for n in zoo.names}
+    if last["fallback"] is None or not any("fallback" in p for p in preds):
+        return {"holdout": name, "n": len(preds), "available": False, "routed_to": routed_to,
+                "reason": "this zoo's predictions carry no 'fallback' flag (no OOD fallback in its router)"}
+    return {"holdout": name, "n": len(preds), "available": True, "routed_to": routed_to,
+            "fallback_rate": round(sum(bool(p.get("fallback")) for p in preds) / len(preds), 6),
+            "false_fallback_rate": round(last["fallback"] / max(1, last["n_seen"]), 6)}
+
+
+def _run(rid: str, order: list[int], seed: int, all_tasks: list[TaskData], all_feats: list, bb: Backbone,
+         s: BenchSettings, run_dir: Path, zoo_dir: Path, resume: bool, progress: bool,
+         cache_root: Path | None, held: tuple[str, torch.Tensor] | None) -> dict:
+    tasks = [all_tasks[k] for k in order]
+    feats = [all_feats[k] for k in order]
+    T = len(tasks)
+    embs = [bb.class_embeddings(t.classes, t.templates) for t in tasks]
+    train = s.train(seed)
+    names = ["zero-shot"] + [m for m in s.methods if m != "zero-shot"]
+    torch.manual_seed(seed)  # the baselines' initial weights
+    methods = _build(names, embs, bb, replace(train, head_lr_scale=s.baseline_head_lr_scale), s)
+    store = StepStore(run_dir / "steps")
+    config = {"settings": {k: v for k, v in asdict(s).items() if k not in ("orders", "seeds")}, "seed": seed,
+              "tasks": [t.name for t in tasks], "sources": [t.source for t in tasks],
+              "sizes": [[len(t.train), len(t.test)] for t in tasks], "backbone_fingerprint": bb.fingerprint}
+    start = store.start(config, resume)
+    zoo = _open_zoo(zoo_dir, s, [t.name for t in tasks[:start]], cache_root)
+    if start:
+        states = store.states(start - 1)
+        for m in methods:
+            m.restore(states.get(m.name, {}), [(f[0], f[1]) for f in feats[:start]])
+    for i in tqdm(range(start, T), desc=f"run {rid}", initial=start, total=T, disable=not progress):
+        torch.manual_seed(seed * 1000 + i)  # each step's randomness depends on (seed, step) only: resumable
+        t0 = time.perf_counter()
+        zoo.add_task(tasks[i], train=train, kind=s.kind, progress=False)
+        learn = {"zoo": round(time.perf_counter() - t0, 3)}
+        for m in methods:
+            learn[m.name] = round(m.learn(i, feats[i][0], feats[i][1])["train_seconds"], 3)
+        ev = _evaluate_step(i, tasks, feats, zoo, methods)
+        store.save(i, {"step": i, "task": tasks[i].name, "train_seconds": learn, **ev},
+                   {m.name: m.state() for m in methods})
+    recs = [store.record(i) for i in range(T)]
+    last = recs[-1]
+    R = {n: [r["rows"][n] for r in recs] for n in last["rows"]}
+    pile = torch.cat([f[2] for f in feats])
+    ztrain, zstored, zrouter = _zoo_params(zoo)
+    infer = {"zoo": _timed_ms(lambda: zoo.predict_features(pile), len(pile)),
+             "zoo-oracle": _timed_ms(lambda: [zoo.predict_features(f[2], task=t.name) for f, t in zip(feats, tasks)],
+                                     len(pile))}
+    infer.update({m.name: _timed_ms(lambda m=m: m.agnostic(pile, list(range(T))), len(pile)) for m in methods})
+    costs = {"zoo": (ztrain, zstored, 0), "zoo-oracle": (ztrain, zstored, 0)}
+    costs.update({m.name: (m.trainable_params(), m.stored_params(), getattr(m, "stored_images", lambda: 0)())
+                  for m in methods})
+    out = {}
+    for n in R:
+        p = last["pooled"][n]
+        m = next((x for x in methods if x.name == n), None)
+        out[n] = {**summary(R[n]),
+                  "task_agnostic_acc": None if n == "zoo-oracle" else round(p["agnostic"] / p["n"], 6),
+                  "oracle_acc": round(p["given"] / p["n"], 6),
+                  "routing_accuracy": round(last["routed"] / last["n_seen"], 6) if n == "zoo" else None,
+                  "uses_task_ids": n == "zoo-oracle" or bool(m and m.uses_task_ids),
+                  "note": m.note if m else ("routed experts" if n == "zoo" else "upper bound: task id given"),
+                  "cross_check": n in CROSS_CHECKS,
+                  "trainable_params": costs[n][0], "stored_params": costs[n][1], "stored_images": costs[n][2],
+                  "train_seconds": round(sum(r["train_seconds"][n if n != "zoo-oracle" else "zoo"] for r in recs), 3),
+                  "infer_ms_per_image": infer[n],
+                  "seen_acc_per_step": [round(v, 6) for v in seen_accuracy_per_step(R[n])],
+                  "acc_matrix": R[n]}
+    out["zoo"]["router_params"] = out["zoo-oracle"]["router_params"] = zrouter
+    if "zero-shot" not in s.methods:
+        out.pop("zero-shot")
+    per_step = [{"step": r["step"], "task": r["task"], "routing_accuracy": round(r["routed"] / r["n_seen"], 6),
+                 "task_agnostic_acc": round(r["pooled"]["zoo"]["agnostic"] / r["n_seen"], 6),
+                 "oracle_acc": round(r["pooled"]["zoo"]["given"] / r["n_seen"], 6),
+                 "add_task_seconds": r["train_seconds"]["zoo"]} for r in recs]
+    per_task = {t.name: {"classes": len(t.classes), "n_train": len(t.train), "n_test": len(t.test),
+                         "oracle_acc": R["zoo-oracle"][T - 1][k], "routed_acc": R["zoo"][T - 1][k],
+                         "zero_shot_acc": R["zero-shot"][0][k]}
+                for k, t in enumerate(tasks)}
+    return {"id": rid, "order": [all_tasks[k].name for k in order], "seed": seed, "resumed_from_step": start or None,
+            "methods": out, "per_step": per_step, "per_task": per_task, "ood": _ood(zoo, held, last),
+            "router": zoo.registry["router"]["kind"], "peak_rss_mb": peak_rss_mb()}
+
+
+def _encode(tasks: list[TaskData], bb: Backbone, cache_root: Path | None, progress: bool) -> list:
+    cache = FeatureCache([bb.fingerprint, bb.preprocess_id], cache_root)
+
+    def enc(images, desc):
+        with tqdm(total=len(images), desc=desc, disable=not progress, leave=False) as bar:
+            return encode_cached(images, bb.preprocess, bb.encode_images, cache, progress=bar.update)
+
+    return [(enc(t.train.images, f"encode {t.name}/train"), torch.tensor(t.train.labels),
+             enc(t.test.images, f"encode {t.name}/test"), torch.tensor(t.test.labels)) for t in tasks]
+
+
 def run_benchmark(tasks: list[TaskData], settings: BenchSettings = BenchSettings(), out: Path | None = None,
-                  progress: bool = True, cache_root: Path | None = None) -> dict:
-    """Run the sequence; write ``report.json``, ``report.md`` and heatmaps under ``out`` if given."""
+                  progress: bool = True, cache_root: Path | None = None, holdout: TaskData | None = None,
+                  resume: bool = False) -> dict:
+    """Run every (order, seed); write ``report.json``, ``report.md`` and plots under ``out`` if given.
+
+    The first run (the given order, ``settings.seed``) keeps its zoo in ``out/zoo``; the others in
+    ``out/runs/<id>/zoo``. Without ``out`` everything lives in a temporary directory.
+    """
     from tasks.report import write_report
 
+    settings.check()
     t_start = time.perf_counter()
-    T = len(tasks)
-    zoo_dir = (out or Path(".")) / "zoo" if out else Path(os.environ.get("TMPDIR", "/tmp")) / f"clipzoo-bench-{os.getpid()}"
-    if zoo_dir.exists():
-        shutil.rmtree(zoo_dir)
-    zoo = Zoo.create(zoo_dir, BackboneSpec(settings.backbone, settings.pretrained), cache_root=cache_root)
-    bb = zoo.backbone
-    t0 = time.perf_counter()
-    feats = [(zoo.features(t.train.images, f"encode {t.name}/train", progress), torch.tensor(t.train.labels),
-              zoo.features(t.test.images, f"encode {t.name}/test", progress), torch.tensor(t.test.labels)) for t in tasks]
-    encode_seconds = time.perf_counter() - t0
-    class_embs = [bb.class_embeddings(t.classes, t.templates) for t in tasks]
-    baselines = [ZeroShot(class_embs, bb.logit_scale), NaiveSequential(class_embs, bb.logit_scale, settings.train())]
-    names = ["zoo", "zoo-oracle"] + [b.name for b in baselines]
-    R = {n: [[0.0] * T for _ in range(T)] for n in names}
-    pooled = {n: {"agnostic": [], "given": []} for n in names}
-    steps, add_seconds = [], []
-    for i in tqdm(range(T), desc="benchmark steps", disable=not progress):
+    tmp = None if out else tempfile.TemporaryDirectory(prefix="clipzoo-bench-")
+    root = Path(out) if out else Path(tmp.name)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(settings.threads)
+    try:
+        bb = load_backbone(BackboneSpec(settings.backbone, settings.pretrained))
         t0 = time.perf_counter()
-        zoo.add_task(tasks[i], train=settings.train(), kind=settings.kind, progress=False)
-        add_seconds.append(round(time.perf_counter() - t0, 3))
-        for b in baselines:
-            b.learn(i, feats[i][0], feats[i][1])
-        seen = list(range(i + 1))
-        pile_route, pile_ok, pile_oracle = [], [], []
-        for j in range(T):
-            x, y = feats[j][2], feats[j][3]
-            if j > i:  # not learned yet: zero-shot transfer with the task's class names
-                zs = _acc(baselines[0].given(x, j) == y)
-                R["zoo"][i][j] = R["zoo-oracle"][i][j] = zs
-                for b in baselines:
-                    R[b.name][i][j] = _acc(b.unseen(x, j) == y)
-                continue
-            preds = zoo.predict_features(x)
-            routed = torch.tensor([p["task"] == tasks[j].name for p in preds])
-            label_ok = torch.tensor([p["label"] == tasks[j].classes[int(c)] for p, c in zip(preds, y)])
-            oracle = torch.tensor([p["label"] == tasks[j].classes[int(c)]
-                                   for p, c in zip(zoo.predict_features(x, task=tasks[j].name), y)])
-            R["zoo"][i][j] = _acc(routed & label_ok)
-            R["zoo-oracle"][i][j] = _acc(oracle)
-            pile_route.append(routed)
-            pile_ok.append(routed & label_ok)
-            pile_oracle.append(oracle)
-            for b in baselines:
-                bt, bc = b.agnostic(x, seen)
-                ok_agn = (bt == j) & (bc == y)
-                R[b.name][i][j] = _acc(ok_agn)
-                if i == T - 1:
-                    pooled[b.name]["agnostic"].append(ok_agn)
-                    pooled[b.name]["given"].append(b.given(x, j) == y)
-        steps.append({"step": i, "task": tasks[i].name, "routing_accuracy": _acc(torch.cat(pile_route)),
-                      "task_agnostic_acc": _acc(torch.cat(pile_ok)), "oracle_acc": _acc(torch.cat(pile_oracle)),
-                      "add_task_seconds": add_seconds[-1]})
-    # inference cost on the final pile (features cached): routing + the chosen expert only
-    pile = torch.cat([f[2] for f in feats])
-    t0 = time.perf_counter()
-    zoo.predict_features(pile)
-    infer_ms = 1000 * (time.perf_counter() - t0) / len(pile)
-    final = steps[-1]
-    metrics = {**summary(R["zoo"]), "task_agnostic_acc": final["task_agnostic_acc"], "oracle_acc": final["oracle_acc"],
-               "routing_accuracy": final["routing_accuracy"]}
-    base = {"zoo-oracle": {**summary(R["zoo-oracle"]), "task_agnostic_acc": None, "oracle_acc": final["oracle_acc"],
-                           "routing_accuracy": None, "uses_task_ids": True, "acc_matrix": R["zoo-oracle"]}}
-    for b in baselines:
-        base[b.name] = {**summary(R[b.name]),
-                        "task_agnostic_acc": _acc(torch.cat(pooled[b.name]["agnostic"])),
-                        "oracle_acc": _acc(torch.cat(pooled[b.name]["given"])),
-                        "routing_accuracy": None, "uses_task_ids": False, "acc_matrix": R[b.name]}
-    result = {
-        "tasks": [t.name for t in tasks],
-        "acc_matrix": R["zoo"],
-        "metrics": metrics,
-        "per_step": steps,
-        "per_task": {t.name: {"classes": len(t.classes), "n_train": len(t.train), "n_test": len(t.test),
-                              "oracle_acc": R["zoo-oracle"][T - 1][k], "routed_acc": R["zoo"][T - 1][k],
-                              "zero_shot_acc": _acc(baselines[0].given(feats[k][2], k) == feats[k][3])}
-                     for k, t in enumerate(tasks)},
-        "baselines": base,
-        "timing": {"encode_seconds": round(encode_seconds, 3), "add_task_seconds": add_seconds,
-                   "inference_ms_per_image_cached_features": round(infer_ms, 4),
-                   "total_seconds": round(time.perf_counter() - t_start, 3)},
-        "settings": {**asdict(settings), "router": zoo.registry["router"]["kind"], "task_ids_at_test": False,
-                     "backbone_fingerprint": bb.fingerprint, "backbone_params": bb.num_params,
-                     "sources": [t.source for t in tasks]},
+        feats = _encode(tasks + ([holdout] if holdout else []), bb, cache_root, progress)
+        encode_seconds = time.perf_counter() - t0
+        held = (holdout.name, feats.pop()[2]) if holdout else None
+        orders = task_orders(len(tasks), settings.orders, settings.seed)
+        runs = []
+        for o, order in enumerate(orders):
+            for seed in range(settings.seed, settings.seed + settings.seeds):
+                rid = f"o{o}-s{seed}"
+                first = not runs
+                runs.append(_run(rid, order, seed, tasks, feats, bb, settings, root / "runs" / rid,
+                                 root / "zoo" if first else root / "runs" / rid / "zoo", resume, progress,
+                                 cache_root, held))
+        result = _assemble(runs, settings, bb, tasks, holdout, encode_seconds, time.perf_counter() - t_start)
+        if out:
+            write_report(result, root)
+        return result
+    finally:
+        torch.set_num_threads(threads)
+        if tmp is not None:
+            tmp.cleanup()
+
+
+def _assemble(runs: list[dict], s: BenchSettings, bb: Backbone, tasks: list[TaskData], holdout: TaskData | None,
+              encode_seconds: float, total: float) -> dict:
+    first = runs[0]
+    zoo = first["methods"]["zoo"]
+    names = list(first["methods"])
+    aggregate = {n: {k: mean_std([r["methods"][n][k] for r in runs]) for k in METRIC_KEYS} for n in names}
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "tasks": first["order"],
+        "acc_matrix": zoo["acc_matrix"],
+        "metrics": {k: v for k, v in zoo.items() if k != "acc_matrix"},
+        "per_step": first["per_step"],
+        "per_task": first["per_task"],
+        "baselines": {n: m for n, m in first["methods"].items() if n != "zoo"},
+        "ood": first["ood"],
+        "runs": runs,
+        "aggregate": aggregate,
+        "timing": {"encode_seconds": round(encode_seconds, 3),
+                   "add_task_seconds": [p["add_task_seconds"] for p in first["per_step"]],
+                   "inference_ms_per_image_cached_features": zoo["infer_ms_per_image"],
+                   "total_seconds": round(total, 3)},
+        "memory": {"peak_rss_mb": peak_rss_mb(),
+                   "note": "peak resident memory of the whole benchmark process (all methods share it); "
+                           "per-method state is in stored_params (float32 numbers)"},
+        "settings": {**asdict(s), "router": first["router"],
+                     "task_ids_at_test": False, "backbone_fingerprint": bb.fingerprint,
+                     "backbone_params": bb.num_params, "sources": [t.source for t in tasks],
+                     "holdout": holdout.source if holdout else None,
+                     "orders": [r["order"] for r in runs][:: s.seeds], "seeds": list(range(s.seed, s.seed + s.seeds)),
+                     "n_orders": s.orders, "n_seeds": s.seeds},
         "machine": machine_info(),
     }
-    if out:
-        write_report(result, out)
-    return result

@@ -2,8 +2,10 @@
 
 ``R[i][j]`` is the accuracy on task ``j``'s test set after training step ``i`` (T x T, fractions
 in 0..1). Entries with ``j > i`` are accuracies on tasks not learned yet (zero-shot transfer).
-Each metric is defined once here, with its formula; all are fractions in 0..1 except BWT, which
-may be negative (forgetting makes BWT < 0 and Forgetting > 0).
+Each metric is defined once here, with its formula. Avg, Last and Transfer are in 0..1; BWT and
+Forgetting in -1..1: forgetting makes BWT < 0 and Forgetting > 0, and Forgetting >= -BWT always
+(the best earlier accuracy is at least the one right after learning). Forgetting is negative only
+when a task's final accuracy beats every earlier one (Chaudhry et al. 2018 do not clip it; nor do we).
 """
 
 from __future__ import annotations
@@ -22,10 +24,15 @@ def _m(R: Matrix) -> np.ndarray:
     return a
 
 
-def avg_accuracy(R: Matrix) -> float:
-    """Avg = (1/T) * sum_i [ (1/(i+1)) * sum_{j<=i} R[i][j] ]: mean over steps of the seen-task mean."""
+def seen_accuracy_per_step(R: Matrix) -> list[float]:
+    """A_i = (1/(i+1)) * sum_{j<=i} R[i][j]: mean accuracy over the tasks seen after step i."""
     a = _m(R)
-    return float(np.mean([a[i, : i + 1].mean() for i in range(len(a))]))
+    return [float(a[i, : i + 1].mean()) for i in range(len(a))]
+
+
+def avg_accuracy(R: Matrix) -> float:
+    """Avg = (1/T) * sum_i A_i (see :func:`seen_accuracy_per_step`): mean over steps of the seen-task mean."""
+    return float(np.mean(seen_accuracy_per_step(R)))
 
 
 def last_accuracy(R: Matrix) -> float:
@@ -34,7 +41,9 @@ def last_accuracy(R: Matrix) -> float:
 
 
 def forgetting(R: Matrix) -> float:
-    """Forgetting = (1/(T-1)) * sum_{j<T-1} ( max_{j<=i<T-1} R[i][j] - R[T-1][j] ); 0 when T == 1."""
+    """Forgetting = (1/(T-1)) * sum_{j<T-1} ( max_{j<=i<T-1} R[i][j] - R[T-1][j] ); 0 when T == 1.
+
+    Positive when accuracy dropped from its best earlier value; not clipped at 0."""
     a = _m(R)
     T = len(a)
     if T == 1:
@@ -59,6 +68,14 @@ def transfer(R: Matrix) -> float:
     if T == 1:
         return 0.0
     return float(np.mean([a[:j, j].mean() for j in range(1, T)]))
+
+
+def mean_std(values: Sequence[float | None]) -> dict[str, float | int | None]:
+    """Mean and population standard deviation of the non-None values (over orders and seeds)."""
+    v = np.asarray([x for x in values if x is not None], dtype=float)
+    if not len(v):
+        return {"mean": None, "std": None, "n": 0}
+    return {"mean": round(float(v.mean()), 6), "std": round(float(v.std()), 6), "n": int(len(v))}
 
 
 def summary(R: Matrix) -> dict[str, float]:

@@ -92,22 +92,37 @@ def init(zoo_dir: str, backbone: str, pretrained: str | None, as_json: bool) -> 
 @click.option("--name", required=True, help="Task name (letters, digits, _ - .).")
 @click.option("--data", required=True, help="ImageFolder DIR (DIR/train/<class>/*, DIR/test/<class>/*) or builtin:<domain>.")
 @click.option("--kind", default="clip-adapter", show_default=True, help="Expert kind, or a stack joined by '+'.")
-@click.option("--epochs", default=20, show_default=True, type=int)
-@click.option("--lr", default=2e-3, show_default=True, type=float)
+@click.option("--epochs", default=None, type=int,
+              help="Training epochs [default: 20; 10 when the stack works inside an encoder: vit-adapter, vl-adapter, lora].")
+@click.option("--lr", default=None, type=float, help="Learning rate [default: 2e-3; 5e-3 inside an encoder].")
 @click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--set", "set_", multiple=True, metavar="KIND.KEY=VALUE",
+              help="A setting of one kind in the stack (VALUE is JSON or a word), or expert.kl_weight / "
+                   "expert.ensemble for the whole stack; repeatable.")
+@click.option("--from", "sources", default=None, help="With --kind fusion: experts to compose, A,B,... (default: all).")
 @json_option
-def add_task(zoo_dir: str, name: str, data: str, kind: str, epochs: int, lr: float, seed: int, as_json: bool) -> None:
+def add_task(zoo_dir: str, name: str, data: str, kind: str, epochs: int | None, lr: float | None, seed: int,
+             set_: tuple[str, ...], sources: str | None, as_json: bool) -> None:
     """Train a new expert for a task; other experts are never touched.
 
     \b
     Example: clipzoo add-task --zoo myzoo --name mnist --data data/mnist --epochs 30
+    Example: clipzoo add-task --zoo myzoo --name cifar --data data/cifar10 --kind lora+prompt \\
+               --set lora.rank=4 --set lora.blocks=[1,2] --set expert.kl_weight=1.0
+    Compose existing experts (trains only a fusion layer and a head):
+      clipzoo add-task --zoo myzoo --name flowers --data data/flowers --kind fusion --from mnist,cifar
     """
-    from zoo.train import TrainSettings
+    from zoo.expert import parse_settings
+    from zoo.train import TrainSettings, train_defaults
     from zoo.zoo import Zoo
 
     z = Zoo.open(zoo_dir)
-    rec = z.add_task(data, name=name, kind=kind, train=TrainSettings(epochs=epochs, lr=lr, seed=seed),
-                     progress=not as_json)
+    defaults = train_defaults(kind)
+    epochs = defaults["epochs"] if epochs is None else epochs
+    lr = defaults["lr"] if lr is None else lr
+    rec = z.add_task(data, name=name, kind=kind, settings=parse_settings(set_),
+                     train=TrainSettings(epochs=epochs, lr=lr, seed=seed), progress=not as_json,
+                     sources=[s.strip() for s in sources.split(",") if s.strip()] if sources else None)
     m = rec["metrics"]
     text = (f"added {name} ({rec['kind']}, {len(rec['classes'])} classes, {rec['trainable_params']:,} trainable "
             f"params = {100 * rec['trainable_share']:.2f}% of the backbone) in {m['add_seconds']:.1f}s; "
@@ -131,13 +146,24 @@ def list_(zoo_dir: str, as_json: bool) -> None:
 @main.command()
 @zoo_option
 @click.option("--name", required=True)
+@click.option("--cascade", is_flag=True, help="Also remove the fusion experts composed from it.")
 @json_option
-def remove(zoo_dir: str, name: str, as_json: bool) -> None:
-    """Remove an expert (and its files) from the zoo."""
+def remove(zoo_dir: str, name: str, cascade: bool, as_json: bool) -> None:
+    """Remove an expert (and its files) from the zoo.
+
+    \b
+    Example: clipzoo remove --zoo myzoo --name mnist --cascade
+    """
     from zoo.zoo import Zoo
 
-    Zoo.open(zoo_dir).remove(name)
-    _print({"removed": name}, as_json, f"removed {name}")
+    z = Zoo.open(zoo_dir)
+    users, todo = [], z.dependents(name) if cascade else []
+    while todo:  # fusion experts built on it, directly or through another fusion expert
+        users.append(todo.pop(0))
+        todo += [u for u in z.dependents(users[-1]) if u not in users + todo]
+    z.remove(name, cascade=cascade)
+    also = f" and the fusion experts composed from it: {', '.join(users)}" if users else ""
+    _print({"removed": name, "cascaded": users}, as_json, f"removed {name}{also}")
 
 
 @main.command()
@@ -157,18 +183,32 @@ def verify(zoo_dir: str, as_json: bool) -> None:
 @zoo_option
 @click.option("--task", default=None, help="Use this expert for every image (no routing).")
 @click.option("--top-k", default=1, show_default=True, type=int, help="Routing weights reported per image.")
+@click.option("--mode", type=click.Choice(["top1", "avg", "fusion"]), default="top1", show_default=True,
+              help="Answer with the router's first expert, the uniform average of the top-k, or their fusion "
+                   "(avg and fusion need --top-k 2 or more; fusion reports its weights per image).")
+@click.option("--no-fallback", is_flag=True, help="Always answer with an expert, even for images of no known task.")
+@click.option("--classes", default=None, help="Comma-separated class names for the zero-shot fallback "
+              "(default: every expert's classes).")
 @json_option
 @click.argument("images", nargs=-1, required=True)
-def predict(zoo_dir: str, task: str | None, top_k: int, as_json: bool, images: tuple[str, ...]) -> None:
-    """Predict labels for images (files or folders), routing each to its task.
+def predict(zoo_dir: str, task: str | None, top_k: int, mode: str, no_fallback: bool, classes: str | None,
+            as_json: bool, images: tuple[str, ...]) -> None:
+    """Predict labels for images (files or folders), routing each to its task. An image of no
+    known task (calibrated OOD score > 0) is answered by zero-shot CLIP and marked fallback.
 
     \b
     Example: clipzoo predict --zoo myzoo --top-k 2 --json pile/
+             clipzoo predict --zoo myzoo --classes "cat,dog,boat" photo.png
     """
     from zoo.zoo import Zoo
 
-    preds = Zoo.open(zoo_dir).predict(_expand(images), task=task, top_k=top_k, progress=not as_json)
-    _print(preds, as_json, "\n".join(f"{p['path']}\t{p['task']}\t{p['label']}\t{p['score']:.3f}" for p in preds))
+    names = [c.strip() for c in classes.split(",")] if classes is not None else None
+    preds = Zoo.open(zoo_dir).predict(_expand(images), task=task, top_k=top_k, progress=not as_json, mode=mode,
+                                      fallback=not no_fallback, classes=names)
+    _print(preds, as_json, "\n".join(
+        f"{p['path']}\t{p['task'] or 'zero-shot (fallback)'}\t{p['label']}\t{p['score']:.3f}" + "".join(
+        "\t" + ",".join(f"{n}:{w:.2f}" for n, w in p[key].items()) for key in ("fusion", "sources") if key in p)
+        for p in preds))
 
 
 @main.command()
@@ -189,22 +229,43 @@ def evaluate(zoo_dir: str, data: str, task: str | None, as_json: bool) -> None:
 @click.argument("domains", nargs=-1)
 @click.option("--builtin", "builtin", type=click.Choice(["synthetic"]), default=None,
               help="Use the built-in synthetic domains.")
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=int, help="First seed; also draws the task orders.")
+@click.option("--seeds", default=1, show_default=True, type=int, help="Seeds per order: SEED, SEED+1, ...")
+@click.option("--orders", default=1, show_default=True, type=int,
+              help="Task orders: the given one, then random permutations drawn with --seed.")
 @click.option("--epochs", default=20, show_default=True, type=int)
+@click.option("--lr", default=2e-3, show_default=True, type=float)
+@click.option("--kind", default="clip-adapter", show_default=True, help="The zoo's expert kind.")
+@click.option("--methods", default=None, help="Comma-separated baselines (default: zero-shot,naive,ewc,lwf,zscl,"
+              "joint, plus avalanche-naive,avalanche-ewc,avalanche-lwf when avalanche-lib is installed).")
+@click.option("--holdout", default=None, help="A domain kept out of training (a task name of the sequence, a "
+              "DIR or builtin:<domain>) to measure the zoo's OOD fallback.")
+@click.option("--resume", is_flag=True, help="Continue a crashed run in --out from its finished steps.")
+@click.option("--threads", default=1, show_default=True, type=int, help="torch threads for training and evaluation.")
 @click.option("--out", default="bench-out", show_default=True, type=click.Path(file_okay=False))
 @json_option
-def bench(domains: tuple[str, ...], builtin: str | None, seed: int, epochs: int, out: str, as_json: bool) -> None:
-    """Forgetting benchmark over a task sequence (ImageFolder DIRs in order, or --builtin synthetic).
+def bench(domains: tuple[str, ...], builtin: str | None, seed: int, seeds: int, orders: int, epochs: int, lr: float,
+          kind: str, methods: str | None, holdout: str | None, resume: bool, threads: int, out: str,
+          as_json: bool) -> None:
+    """Forgetting benchmark: the zoo against baselines on one task sequence (ImageFolder DIRs in
+    order, a folder of such DIRs, or --builtin synthetic). Writes report.json, report.md and plots.
 
     \b
-    Example: clipzoo bench data/mnist data/cifar10 data/gtsrb --out report/
+    Examples:
+      clipzoo bench data/mnist data/cifar10 data/gtsrb --out report/
+      clipzoo bench data/ --orders 3 --holdout skin_lesion --out report/
+      clipzoo bench data/ --out report/ --resume      # after a crash
     """
-    from tasks.harness import BenchSettings, load_sequence, run_benchmark
+    from tasks.harness import BenchSettings, default_methods, run_benchmark
     from tasks.report import markdown_table
+    from tasks.sequence import load_sequence, split_holdout
 
-    seq = load_sequence(list(domains), builtin)
-    res = run_benchmark(seq, BenchSettings(seed=seed, epochs=epochs), out=Path(out), progress=not as_json)
-    _print(res, as_json, markdown_table(res) + f"\n\nreport written to {out}/")
+    seq, held = split_holdout(load_sequence(list(domains), builtin), holdout)
+    chosen = [m.strip() for m in methods.split(",") if m.strip()] if methods else default_methods()
+    settings = BenchSettings(seed=seed, seeds=seeds, orders=orders, epochs=epochs, lr=lr, kind=kind, methods=chosen,
+                             threads=threads)
+    res = run_benchmark(seq, settings, out=Path(out), progress=not as_json, holdout=held, resume=resume)
+    _print(res, as_json, markdown_table(res) + f"\n\nreport written to {out}/ (report.md, report.json, *.png)")
 
 
 @main.command()
@@ -221,14 +282,88 @@ def demo(out: str, as_json: bool) -> None:
 
 @main.command("pretrain-tiny", hidden=True)
 @click.option("--out", default=None, help="Where to write the weights (default: the packaged asset).")
+@click.option("--config", default=None, help="open_clip model config JSON (default: the packaged clipzoo-tiny.json).")
+@click.option("--samples", default=36_000, show_default=True, type=int, help="Procedural image/caption pairs drawn.")
+@click.option("--epochs", default=6, show_default=True, type=int)
 @click.option("--seed", default=0, type=int)
-def pretrain_tiny(out: str | None, seed: int) -> None:
-    """Maintainers: re-create the embedded tiny CLIP's weights."""
+@json_option
+def pretrain_tiny(out: str | None, config: str | None, samples: int, epochs: int, seed: int, as_json: bool) -> None:
+    """Maintainers: re-create the embedded tiny CLIP's weights.
+
+    Example: clipzoo pretrain-tiny --config zoo/assets/clipzoo-tiny.json --out /tmp/tiny.safetensors
+    """
     from zoo.backbone import EMBEDDED_WEIGHTS
+    from zoo.pretrain import DEFAULT_CONFIG
     from zoo.pretrain import pretrain_tiny as run
 
-    click.echo(str(run(Path(out) if out else EMBEDDED_WEIGHTS, seed=seed)))
+    path = run(Path(out) if out else EMBEDDED_WEIGHTS, Path(config) if config else DEFAULT_CONFIG,
+               n_samples=samples, epochs=epochs, seed=seed, progress=not as_json)
+    _print({"weights": str(path)}, as_json, str(path))
 
+
+@main.command("bench-fusion")
+@click.argument("domains", nargs=-1, required=True)
+@click.option("--new", "new_task", required=True, help="ImageFolder DIR of the new task learned few-shot.")
+@click.option("--shots", default="4,16,all", show_default=True, help="Training images per class of the new task.")
+@click.option("--top-k", default=2, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--epochs", default=20, show_default=True, type=int)
+@click.option("--out", default="bench-fusion-out", show_default=True, type=click.Path(file_okay=False))
+@json_option
+def bench_fusion(domains: tuple[str, ...], new_task: str, shots: str, top_k: int, seed: int, epochs: int, out: str,
+                 as_json: bool) -> None:
+    """Top-1 routing vs top-k averaging vs top-k fusion, and fusion-composed vs fresh experts few-shot.
+
+    \b
+    Example: clipzoo bench-fusion data/mnist data/fashion_mnist data/cifar10 data/gtsrb --new data/flowers
+    """
+    from tasks.data import load_imagefolder
+    from tasks.fusion_bench import FusionBenchSettings, markdown_tables, run_fusion_bench
+    from zoo.errors import ConfigError
+
+    try:
+        shot_list = [None if v.strip() == "all" else int(v) for v in shots.split(",")]
+    except ValueError:
+        raise ConfigError(f"bad --shots {shots!r}: use numbers and 'all', e.g. 4,16,all") from None
+    if len(domains) < 2 or any(v is not None and v < 1 for v in shot_list):
+        raise ConfigError("bench-fusion needs at least 2 DOMAIN_DIRs and --shots values >= 1 (or 'all')")
+    s = FusionBenchSettings(top_k=top_k, shots=shot_list, seed=seed, epochs=epochs)
+    res = run_fusion_bench([load_imagefolder(d) for d in domains], load_imagefolder(new_task), s, out=Path(out),
+                           progress=not as_json)
+    _print(res, as_json, markdown_tables(res) + f"\n\nreport written to {out}/")
+
+
+@main.command("bench-router")
+@click.argument("domains", nargs=-1)
+@click.option("--holdout", default=None, help="A domain never learned: OOD AUROC and fallback rates on it.")
+@click.option("--scale", default=0, show_default=True, type=int,
+              help="Also time the router update per added task up to N synthetic tasks (0: skip).")
+@click.option("--epochs", default=20, show_default=True, type=int, help="Expert training epochs per domain.")
+@click.option("--exemplars", default=0, show_default=True, type=int,
+              help="Also run a learned router keeping this many real features per task (0: off).")
+@click.option("--ood-quantile", default=0.99, show_default=True, type=float,
+              help="Held-out in-distribution quantile that sets the fallback threshold.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--out", default=None, type=click.Path(file_okay=False), help="Write router-bench.json here.")
+@json_option
+def bench_router(domains: tuple[str, ...], holdout: str | None, scale: int, epochs: int, exemplars: int,
+                 ood_quantile: float, seed: int, out: str | None, as_json: bool) -> None:
+    """Learned router vs nearest-statistics routing over DOMAINS learned in order (DIRs or
+    builtin:<domain>): routing, task-agnostic and oracle accuracy per step; OOD fallback on a
+    held-out domain; update cost as experts grow (synthetic tasks).
+
+    \b
+    Example: clipzoo bench-router data/mnist data/fashion_mnist data/cifar10 data/gtsrb data/rsscn7 \\
+               --holdout data/flowers --scale 32 --out router-report/
+    """
+    from router.bench import RouterBenchSettings, run_router_bench, summary_text
+
+    s = RouterBenchSettings(epochs=epochs, seed=seed, exemplars=exemplars, ood_quantile=ood_quantile)
+    res = run_router_bench(list(domains), holdout, scale, s, Path(out) if out else None, progress=not as_json)
+    _print(res, as_json, summary_text(res))
+
+
+from zoo import cli_hub  # noqa: E402,F401  (registers push/pull)
 
 if __name__ == "__main__":
     main()

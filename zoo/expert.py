@@ -1,43 +1,90 @@
 """An expert: a stack of adapter modules on the frozen backbone, for one task's classes.
 
-Saved as ``config.json`` (the stack's configs, classes, prompts, backbone fingerprint) and
-``weights.safetensors`` (the expert's own tensors only; never the backbone's).
+Saved as ``config.json`` (the stack's configs, options, classes, prompts, backbone fingerprint)
+and ``weights.safetensors`` (the expert's own tensors only; never the backbone's).
+
+Forward pass, in stack order: the image tower runs with every module's hooks (only when some
+module hooks it; else the cached frozen embedding is used), the classifier comes from a module's
+soft prompts or from the prompt templates through the hooked text tower (else the frozen
+zero-shot classifier), then the joint-space modules map both. Options: ``ensemble`` mixes in the
+zero-shot logits, ``kl_weight`` adds a consistency term during training (see :meth:`Expert.criterion`).
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from zoo import __version__
 from zoo.adapters import ADAPTERS, AdapterConfig, ExpertContext, parse_kinds
 from zoo.backbone import Backbone
+from zoo.encoders import Hooks, encode_image, encode_text
 from zoo.errors import BackboneError, ConfigError
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "weights.safetensors"
+OPTIONS_KEY = "expert"  # settings key for ExpertOptions, beside the kinds' keys (``--set expert.ensemble=0.2``)
+
+
+@dataclass
+class ExpertOptions:
+    """Settings of the whole stack (not of one kind)."""
+
+    kl_weight: float = field(default=0.0, metadata={
+        "help": "weight of KL(zero-shot || adapted) over the classes while training (CLIP-CITE-style "
+                "similarity distillation: keeps the adapted distribution near the frozen model's)"})
+    ensemble: float = field(default=0.0, metadata={
+        "help": "logits = (1 - ensemble) * adapted + ensemble * zero-shot, at training and inference"})
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ExpertOptions":
+        known = set(cls.__dataclass_fields__)
+        if set(d) - known:
+            raise ConfigError(f"unknown expert option(s) {', '.join(sorted(set(d) - known))}: choose from {', '.join(sorted(known))}")
+        try:
+            opts = cls(**{k: float(v) for k, v in d.items()})
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"expert options must be numbers: {e}") from e
+        if opts.kl_weight < 0 or not 0.0 <= opts.ensemble <= 1.0:
+            raise ConfigError(f"expert options need kl_weight >= 0 and ensemble in [0, 1], got {asdict(opts)}")
+        return opts
 
 
 class Expert(nn.Module):
     """Adapters applied in stack order; logits = scale * adapted image feature @ adapted classifier."""
 
     def __init__(self, configs: list[AdapterConfig], classes: list[str], templates: list[str],
-                 class_emb: torch.Tensor, logit_scale: float, backbone: Backbone):
+                 class_emb: torch.Tensor, logit_scale: float, backbone: Backbone,
+                 options: ExpertOptions | None = None):
         super().__init__()
         self.configs = configs
+        self.options = options or ExpertOptions()
         self.classes = list(classes)
         self.templates = list(templates)
         self.logit_scale = logit_scale
         self.fingerprint = backbone.fingerprint
+        self.backbone = backbone  # not an nn.Module: never in state_dict, never switched to train mode
         self.register_buffer("class_emb", class_emb.detach().clone().float())
         ctx = ExpertContext(backbone, self.classes, self.templates, self.class_emb)
         for cfg in configs:
             cfg.validate(ctx)
         self.stack = nn.ModuleList(ADAPTERS[c.kind][1](c, ctx) for c in configs)
+        self.hooks = Hooks()
+        for m in self.stack:
+            if hasattr(m, "add_hooks"):
+                m.add_hooks(self.hooks)
+        self._prompt = next((i for i, m in enumerate(self.stack) if hasattr(m, "text_classifier")), None)
+        if "text" in self.hooks.towers() and self._prompt is None:
+            names = [c.replace("_", " ") for c in self.classes]
+            toks = backbone.tokenizer([t.format(c) for c in names for t in self.templates])
+            self.register_buffer("template_tokens", toks, persistent=False)
+        self._classifier_cache: torch.Tensor | None = None
 
     @property
     def kind(self) -> str:
@@ -46,29 +93,69 @@ class Expert(nn.Module):
     @property
     def needs_pixels(self) -> bool:
         """True when a module works inside the image encoder, so cached features are not enough."""
-        return any(getattr(m, "stage", "feature") != "feature" for m in self.stack)
+        return "image" in self.hooks.towers()
 
-    def forward(self, feats: torch.Tensor, pixels: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits ``(B, C)`` from frozen image embeddings ``(B, D)`` (and pixels, for in-encoder kinds)."""
-        w = self.class_emb
+    # ----- the forward pass ----------------------------------------------------------------------
+    def _encode_text(self, tokens: torch.Tensor, embeds: torch.Tensor | None = None) -> torch.Tensor:
+        return encode_text(self.backbone.model, tokens, self.hooks, embeds)
+
+    def _text_classifier(self) -> torch.Tensor:
+        if self._prompt is not None:
+            return self.stack[self._prompt].text_classifier(self._encode_text, self.class_emb)
+        if "text" in self.hooks.towers():
+            emb = self._encode_text(self.template_tokens).view(len(self.classes), len(self.templates), -1)
+            return F.normalize(emb.mean(1), dim=-1)
+        return self.class_emb
+
+    def class_weights(self) -> torch.Tensor:
+        """The adapted classifier ``(C, D)``; cached in eval mode without autograd."""
+        cacheable = not self.training and not torch.is_grad_enabled()
+        if cacheable and self._classifier_cache is not None:
+            return self._classifier_cache
+        w = self._text_classifier()
         for m in self.stack:
-            feats = m.adapt_image(feats) if hasattr(m, "adapt_image") else feats
             w = m.classifier(w) if hasattr(m, "classifier") else w
-        return self.logit_scale * feats @ w.T
+        if cacheable:
+            self._classifier_cache = w
+        return w
 
     def adapted_features(self, feats: torch.Tensor, pixels: torch.Tensor | None = None) -> torch.Tensor:
-        """The adapted image features ``(B, D)`` that :meth:`forward` scores (used by fusion);
-        ``forward(f, p) == logit_scale * adapted_features(f, p) @ class_weights().T``."""
+        """The adapted unit-norm image embedding ``(B, D)`` from frozen embeddings (and pixels)."""
+        if self.needs_pixels:
+            if pixels is None:
+                raise ConfigError(f"a {self.kind} expert works inside the image encoder: it needs pixels, not only features")
+            feats = encode_image(self.backbone.model, pixels, self.hooks)
         for m in self.stack:
             feats = m.adapt_image(feats) if hasattr(m, "adapt_image") else feats
         return feats
 
-    def class_weights(self) -> torch.Tensor:
-        """The adapted classifier ``(C, D)`` that :meth:`forward` scores against."""
-        w = self.class_emb
-        for m in self.stack:
-            w = m.classifier(w) if hasattr(m, "classifier") else w
-        return w
+    def zero_shot(self, feats: torch.Tensor) -> torch.Tensor:
+        """The frozen backbone's logits for frozen image embeddings ``(B, D)``."""
+        return self.logit_scale * feats @ self.class_emb.T
+
+    def forward(self, feats: torch.Tensor, pixels: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits ``(B, C)`` from frozen image embeddings ``(B, D)`` (and pixels, for in-encoder kinds)."""
+        logits = self.logit_scale * self.adapted_features(feats, pixels) @ self.class_weights().T
+        e = self.options.ensemble
+        return (1 - e) * logits + e * self.zero_shot(feats) if e > 0 else logits
+
+    def criterion(self, logits: torch.Tensor, inputs: tuple[torch.Tensor, ...], labels: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy, plus ``kl_weight * KL(p_zero_shot || p_adapted)`` over the classes."""
+        loss = F.cross_entropy(logits, labels)
+        if self.options.kl_weight > 0:
+            ref = F.log_softmax(self.zero_shot(inputs[0]), dim=1)
+            kl = F.kl_div(F.log_softmax(logits, dim=1), ref, log_target=True, reduction="batchmean")
+            loss = loss + self.options.kl_weight * kl
+        return loss
+
+    # ----- bookkeeping -----------------------------------------------------------------------
+    def train(self, mode: bool = True) -> "Expert":
+        self._classifier_cache = None
+        return super().train(mode)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        self._classifier_cache = None
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def trainable_params(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
@@ -80,6 +167,7 @@ class Expert(nn.Module):
             "clipzoo_version": __version__,
             "kind": self.kind,
             "stack": [c.to_dict() for c in self.configs],
+            "options": asdict(self.options),
             "classes": self.classes,
             "templates": self.templates,
             "logit_scale": self.logit_scale,
@@ -93,14 +181,20 @@ class Expert(nn.Module):
 
 def build_expert(kind: str, backbone: Backbone, classes: list[str], templates: list[str],
                  settings: dict | None = None) -> Expert:
-    """A fresh expert of stack ``kind`` (e.g. ``'clip-adapter'``); ``settings`` maps kind -> overrides."""
+    """A fresh expert of stack ``kind`` (e.g. ``'lora+prompt'``).
+
+    ``settings`` maps a kind (or ``'expert'`` for :class:`ExpertOptions`) to its overrides; every
+    setting is checked against the backbone here, before any training.
+    """
     settings = settings or {}
-    unknown = set(settings) - set(parse_kinds(kind))
+    kinds = parse_kinds(kind)
+    unknown = set(settings) - set(kinds) - {OPTIONS_KEY}
     if unknown:
         raise ConfigError(f"settings given for kinds not in the stack {kind!r}: {', '.join(sorted(unknown))}")
-    configs = [ADAPTERS[k][0].from_dict({**settings.get(k, {}), "kind": k}) for k in parse_kinds(kind)]
+    configs = [ADAPTERS[k][0].from_dict({**settings.get(k, {}), "kind": k}, strict=True) for k in kinds]
+    options = ExpertOptions.from_dict(settings.get(OPTIONS_KEY, {}))
     class_emb = backbone.class_embeddings(classes, templates)
-    return Expert(configs, classes, templates, class_emb, backbone.logit_scale, backbone)
+    return Expert(configs, classes, templates, class_emb, backbone.logit_scale, backbone, options)
 
 
 def load_expert(folder: Path, backbone: Backbone) -> Expert:
@@ -113,6 +207,26 @@ def load_expert(folder: Path, backbone: Backbone) -> Expert:
         )
     configs = [ADAPTERS[c["kind"]][0].from_dict(c) for c in cfg["stack"] if parse_kinds(c["kind"])]
     state = load_file(str(folder / WEIGHTS_FILE))
-    expert = Expert(configs, cfg["classes"], cfg["templates"], state["class_emb"], cfg["logit_scale"], backbone)
+    expert = Expert(configs, cfg["classes"], cfg["templates"], state["class_emb"], cfg["logit_scale"], backbone,
+                    ExpertOptions.from_dict(cfg.get("options", {})))
     expert.load_state_dict(state, strict=True)
     return expert.eval()
+
+
+def parse_settings(pairs: list[str] | tuple[str, ...]) -> dict:
+    """``['lora.rank=4', 'lora.targets=["q","v"]']`` -> ``{'lora': {'rank': 4, 'targets': ['q', 'v']}}``.
+
+    VALUE is read as JSON when it parses (numbers, true/false, lists), else kept as a string.
+    """
+    out: dict[str, dict] = {}
+    for pair in pairs:
+        key, eq, raw = pair.partition("=")
+        kind, dot, field_name = key.strip().partition(".")
+        if not eq or not dot or not kind or not field_name:
+            raise ConfigError(f"bad setting {pair!r}: use KIND.KEY=VALUE, e.g. lora.rank=8")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        out.setdefault(kind, {})[field_name.strip()] = value
+    return out

@@ -1,15 +1,17 @@
-"""Contrastive pretraining of the embedded tiny CLIP on the built-in synthetic image/caption data.
+"""Contrastive pretraining of the embedded tiny CLIP on procedural image/caption data.
 
 Run once by the maintainers (``clipzoo pretrain-tiny``); its output is the packaged
-``zoo/assets/clipzoo-tiny.safetensors``. Images come from the synthetic domains' ``pretrain``
-split, which never overlaps the ``train``/``test`` images that tasks use. Captions are the class
-names in varied templates. Because a batch holds many images of one class, the loss is a
-multi-positive InfoNCE: every caption of the same class counts as a positive.
+``zoo/assets/clipzoo-tiny.safetensors``. The pairs come from :mod:`zoo.pretrain_data`
+(compositional scenes, glyphs, textures, natural-image-like clutter and the built-in synthetic
+domains' ``pretrain`` split, which never overlaps the ``train``/``test`` images that tasks use);
+no real image is ever used. A pool of ``n_samples`` pairs is drawn once and shown ``epochs``
+times, each time shifted by a few random pixels. Several pairs can share the same content (the
+same built-in class, or the same caption), so the loss is a multi-positive InfoNCE: every pair
+with the same content key counts as a positive.
 """
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 import open_clip
@@ -18,46 +20,68 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from tasks import synthetic
-from zoo.backbone import TINY_MODEL
+from zoo.backbone import ASSETS, TINY_MODEL
+from zoo.pretrain_data import dataset
 
-CAPTION_TEMPLATES = [
-    "a photo of a {}.", "an image of a {}.", "a {}.", "a picture of a {}.", "a drawing of a {}.",
-    "a close-up of a {}.", "a rendering of the {}.", "this is a {}.", "the {}.", "a small {}.",
-]
+DEFAULT_CONFIG = ASSETS / f"{TINY_MODEL}.json"
 
 
-def pretrain_tiny(out: Path, per_class: int = 240, epochs: int = 12, batch_size: int = 128, seed: int = 0) -> Path:
-    """Train the tiny CLIP from a seeded init and save fp16 safetensors weights to ``out``."""
+def _to_pixels(images: torch.Tensor, mean: tuple, std: tuple) -> torch.Tensor:
+    """uint8 ``(N, H, W, 3)`` -> normalised float ``(N, 3, H, W)`` (what the eval preprocessing gives)."""
+    x = images.permute(0, 3, 1, 2).float().div_(255)
+    return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+
+
+def _shift(x: torch.Tensor, gen: torch.Generator, max_shift: int = 3) -> torch.Tensor:
+    """Translate each image by up to ``max_shift`` pixels (edge padding)."""
+    n, _, h, w = x.shape
+    pad = F.pad(x, [max_shift] * 4, mode="replicate")
+    dy, dx = torch.randint(0, 2 * max_shift + 1, (2, n), generator=gen)
+    rows = (dy[:, None] + torch.arange(h)[None])[:, None, :, None].expand(n, 3, h, w + 2 * max_shift)
+    out = pad.gather(2, rows)
+    cols = (dx[:, None] + torch.arange(w)[None])[:, None, None, :].expand(n, 3, h, w)
+    return out.gather(3, cols)
+
+
+def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Symmetric multi-positive InfoNCE over unit-norm embeddings; ``keys`` equal = positive pair."""
+    logits = scale * img @ txt.T
+    pos = (keys[:, None] == keys[None, :]).float()
+    pos = pos / pos.sum(1, keepdim=True)
+    return 0.5 * (-(pos * logits.log_softmax(1)).sum(1).mean() - (pos * logits.log_softmax(0)).sum(0).mean())
+
+
+def pretrain_tiny(out: Path, config: Path = DEFAULT_CONFIG, n_samples: int = 36_000, epochs: int = 6,
+                  batch_size: int = 256, lr: float = 2e-3, seed: int = 0, progress: bool = True) -> Path:
+    """Train the tiny CLIP of ``config`` from a seeded init and save fp16 safetensors weights to ``out``."""
+    config = Path(config)
+    name = config.stem
+    open_clip.add_model_config(config)
     torch.manual_seed(seed)
-    rng = random.Random(seed)
-    model, _, preprocess = open_clip.create_model_and_transforms(TINY_MODEL)
-    tokenizer = open_clip.get_tokenizer(TINY_MODEL)
-    names, pixels, labels = [], [], []
-    for domain, classes in synthetic.DOMAINS.items():
-        for cls in classes:
-            names.append(cls)
-            for i in range(per_class):
-                pixels.append(preprocess(synthetic.render(domain, cls, i, "pretrain")))
-                labels.append(len(names) - 1)
-    pixels_t, labels_t = torch.stack(pixels), torch.tensor(labels)
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.1)
-    steps = epochs * (len(labels) // batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.1)
+    gen = torch.Generator().manual_seed(seed)
+    model = open_clip.create_model(name)
+    tokenizer = open_clip.get_tokenizer(name)
+    images, captions, keys = dataset(seed, n_samples)
+    key_ids = {k: i for i, k in enumerate(dict.fromkeys(keys))}
+    keys_t = torch.tensor([key_ids[k] for k in keys])
+    images_t = torch.from_numpy(images)
+    tokens = tokenizer(captions)
+    pcfg = model.visual.preprocess_cfg
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+    steps = epochs * (n_samples // batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     model.train()
-    bar = tqdm(total=steps, desc="pretrain tiny CLIP")
+    bar = tqdm(total=steps, desc=f"pretrain {name}", disable=not progress)
     for _ in range(epochs):
-        perm = torch.randperm(len(labels))
-        for b in range(len(labels) // batch_size):
+        perm = torch.randperm(n_samples, generator=gen)
+        for b in range(n_samples // batch_size):
             idx = perm[b * batch_size:(b + 1) * batch_size]
-            y = labels_t[idx]
-            caps = [rng.choice(CAPTION_TEMPLATES).format(names[i]) for i in y.tolist()]
-            img = F.normalize(model.encode_image(pixels_t[idx]), dim=-1)
-            txt = F.normalize(model.encode_text(tokenizer(caps)), dim=-1)
-            logits = model.logit_scale.exp() * img @ txt.T
-            pos = (y[:, None] == y[None, :]).float()
-            pos = pos / pos.sum(1, keepdim=True)
-            loss = 0.5 * (-(pos * logits.log_softmax(1)).sum(1).mean() - (pos * logits.log_softmax(0)).sum(0).mean())
+            x = _shift(_to_pixels(images_t[idx], pcfg["mean"], pcfg["std"]), gen)
+            img = F.normalize(model.encode_image(x), dim=-1)
+            txt = F.normalize(model.encode_text(tokens[idx]), dim=-1)
+            loss = contrastive_loss(img, txt, keys_t[idx], model.logit_scale.exp())
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -68,6 +92,8 @@ def pretrain_tiny(out: Path, per_class: int = 240, epochs: int = 12, batch_size:
             bar.set_postfix(loss=f"{loss.item():.3f}")
     bar.close()
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
+    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(out), metadata={"model": TINY_MODEL, "seed": str(seed), "epochs": str(epochs)})
+    meta = {"model": name, "seed": str(seed), "epochs": str(epochs), "n_samples": str(n_samples)}
+    save_file(state, str(out), metadata=meta)
     return out

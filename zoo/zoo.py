@@ -19,17 +19,24 @@ import torch
 from tqdm import tqdm
 
 from router.fusion import KIND as FUSION_KIND
-from router.fusion import MODES, FusionExpert, FusionSettings, load_fusion_expert
+from router.fusion import (MODES, FusionExpert, FusionSettings, GlobalFusion, average_predict, fusion_key,
+                           load_fusion_expert, load_or_train_global, train_global_fusion)
 from router.gate import NearestStatsRouter, Routing
+from router.learned import KIND as LEARNED_ROUTER
+from router.learned import RouterConfig, SparseRouter
+from router.ood import DEFAULT_QUANTILE
 from router.stats import TaskStats, compute_stats
 from tasks.data import load_task
-from tasks.spec import ImageSource, TaskData, check_name
+from tasks.spec import DEFAULT_TEMPLATES, ImageSource, TaskData, check_name
 from zoo import __version__, registry
 from zoo.backbone import Backbone, BackboneSpec, load_backbone
-from zoo.cache import FeatureCache, encode_cached
+from zoo.cache import FeatureCache, default_root, encode_cached
 from zoo.errors import BackboneError, ConfigError, RegistryError
 from zoo.expert import Expert, build_expert, load_expert
 from zoo.train import TrainSettings, fit
+
+
+ROUTER_DIR = "router"  # the learned router's versioned files: router-v<version>.{safetensors,json}
 
 
 def _now() -> str:
@@ -49,6 +56,8 @@ class Zoo:
         self.cache_root = cache_root
         self._backbone: Backbone | None = None
         self._experts: dict[str, tuple[str, Expert]] = {}
+        self._router: tuple[str, SparseRouter] | None = None
+        self._fusions: dict[str, GlobalFusion] = {}
 
     # ----- creation and opening -------------------------------------------------------------
     @classmethod
@@ -68,7 +77,7 @@ class Zoo:
             "clipzoo_version": __version__,
             "backbone": {**backbone.to_dict(), "fingerprint": bb.fingerprint, "params": bb.num_params,
                          "embed_dim": bb.embed_dim},
-            "router": {"kind": NearestStatsRouter.name, "version": 0},
+            "router": {"kind": LEARNED_ROUTER, "version": 0, "files": {}},
             "experts": {},
         }
         registry.write(root, reg)
@@ -146,8 +155,120 @@ class Zoo:
         self.record(name)
         return TaskStats.load(self.expert_dir(name))
 
-    def router(self) -> NearestStatsRouter:
-        return NearestStatsRouter({n: self.stats(n) for n in self.names})
+    def router(self) -> NearestStatsRouter | SparseRouter:
+        """The zoo's router, ``registry["router"]["kind"]``: ``learned`` (the gate in its versioned
+        file, loaded once per version) or ``nearest-stats`` (built from every task's stats)."""
+        spec = self.registry.get("router", {})
+        key = json.dumps(spec, sort_keys=True)
+        if self._router is None or self._router[0] != key:
+            r = self._load_router(spec, self.names)
+            if not isinstance(r, SparseRouter):
+                return r
+            self._router = (key, r)
+        return self._router[1]
+
+    def _load_router(self, spec: dict, names: list[str]) -> NearestStatsRouter | SparseRouter:
+        """The router ``spec`` describes, over the experts ``names`` (a learned router without a file
+        is trained from the stats, in memory)."""
+        kind, q = spec.get("kind", NearestStatsRouter.name), float(spec.get("ood_quantile", DEFAULT_QUANTILE))
+        if kind == NearestStatsRouter.name:
+            return NearestStatsRouter({n: TaskStats.load(self.expert_dir(n)) for n in names}, q)
+        if kind != LEARNED_ROUTER:
+            raise RegistryError(f"unknown router kind {kind!r} in registry.json: use {NearestStatsRouter.name!r} "
+                                f"or {LEARNED_ROUTER!r} (zoo.refresh_router(kind=...))")
+        files = sorted(spec.get("files", {}))
+        if not files:
+            return SparseRouter.from_stats({n: TaskStats.load(self.expert_dir(n)) for n in names}, ood_quantile=q)
+        r = SparseRouter.load(self.root / files[1], self.root / files[0], q)   # sorted: .json, .safetensors
+        if set(r.names) != set(names):
+            raise RegistryError(f"the router file {files[1]} covers {r.names}, not the experts {names}: "
+                                "run zoo.refresh_router() to rebuild it")
+        return r
+
+    def _stage_router(self, reg: dict, add: str | None = None, drop: str | None = None, rebuild: bool = False,
+                      config: RouterConfig | None = None) -> list[Path]:
+        """Bump ``reg["router"]``'s version; for a learned router write its next version (``add`` a
+        slot, ``drop`` one, or ``rebuild`` from all stats) under a new name and list it in ``reg``.
+        Returns the files written (nothing points at them until ``reg`` is written)."""
+        old = reg.get("router", {})
+        version = int(old.get("version", 0)) + 1
+        spec = {**old, "kind": old.get("kind", NearestStatsRouter.name), "version": version, "files": {}}
+        names = list(reg["experts"])
+        if spec["kind"] != LEARNED_ROUTER or not names:
+            reg["router"] = spec
+            return []
+        before = [n for n in names if n != add] + ([drop] if drop else [])
+        q = float(spec.get("ood_quantile", DEFAULT_QUANTILE))
+        if rebuild or not before or not old.get("files"):
+            cfg = config or self._saved_router_config(old) or RouterConfig()
+            r = SparseRouter.from_stats({n: TaskStats.load(self.expert_dir(n)) for n in names}, cfg, q)
+        else:
+            r = self._load_router(old, before)
+            if drop:
+                r.remove(drop)
+            if add:
+                r.add(add, TaskStats.load(self.expert_dir(add)))
+        stem = f"router-v{version}"
+        try:
+            written = [self.root / ROUTER_DIR / f for f in r.save(self.root / ROUTER_DIR, stem)]
+        except BaseException:  # a partly written version: remove it
+            for p in (self.root / ROUTER_DIR).glob(f"{stem}.*"):
+                p.unlink(missing_ok=True)
+            raise
+        spec["files"] = {str(p.relative_to(self.root)): registry.sha256_file(p) for p in written}
+        reg["router"] = spec
+        return written
+
+    def _saved_router_config(self, spec: dict) -> RouterConfig | None:
+        """The learned gate's settings saved in the router file ``spec`` lists, if any."""
+        meta = [self.root / f for f in spec.get("files", {}) if f.endswith(".json")]
+        if not meta or not meta[0].is_file():
+            return None
+        return RouterConfig.from_dict(json.loads(meta[0].read_text())["config"])
+
+    def _prune_router_files(self, keep: set[str]) -> None:
+        """Delete router files not in ``keep`` (paths relative to the zoo)."""
+        folder = self.root / ROUTER_DIR
+        for p in folder.glob("router-v*") if folder.is_dir() else []:
+            if str(p.relative_to(self.root)) not in keep:
+                p.unlink(missing_ok=True)
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+
+    def refresh_router(self, kind: str | None = None, ood_quantile: float | None = None,
+                       config: RouterConfig | None = None) -> dict:
+        """Rebuild the router from every task's stats (optionally switching ``kind``, the OOD
+        quantile or the learned gate's settings) and commit it as a new version; returns
+        ``registry["router"]``."""
+        if kind not in (None, NearestStatsRouter.name, LEARNED_ROUTER):
+            raise ConfigError(f"unknown router kind {kind!r}: choose {NearestStatsRouter.name!r} or {LEARNED_ROUTER!r}")
+        if ood_quantile is not None and not 0.0 < ood_quantile < 1.0:
+            raise ConfigError(f"OOD quantile must be in (0, 1), got {ood_quantile}")
+        with registry.lock(self.root):
+            reg = registry.read(self.root)
+            old_files = set(reg.get("router", {}).get("files", {}))
+            reg["router"] = {**reg.get("router", {}), **({"kind": kind} if kind else {}),
+                             **({"ood_quantile": ood_quantile} if ood_quantile is not None else {})}
+            self._commit_router(reg, old_files, lambda: self._stage_router(reg, rebuild=True, config=config))
+        return dict(self.registry["router"])
+
+    def _commit_router(self, reg: dict, old_files: set[str], stage: Callable[[], list[Path]],
+                       undo: Callable[[], None] = lambda: None) -> None:
+        """Under the lock: stage the router, write ``reg``; on any failure remove what was staged
+        (and ``undo()``), so the zoo is exactly as it was."""
+        written: list[Path] = []
+        try:
+            written = stage()
+            registry.write(self.root, reg)
+        except BaseException:
+            for p in written:
+                p.unlink(missing_ok=True)
+            if written and not any(written[0].parent.iterdir()):
+                written[0].parent.rmdir()
+            undo()
+            raise
+        self._prune_router_files(old_files | set(reg["router"]["files"]))
+        self.registry = reg
 
     def list(self) -> list[dict]:
         return [dict(rec) for rec in self.registry["experts"].values()]
@@ -174,9 +295,9 @@ class Zoo:
         expert = build_expert(kind, bb, task.classes, task.templates, settings)
         x_train = self.features(task.train.images, f"encode {name}/train", progress)
         y_train = torch.tensor(task.train.labels)
-        zero_shot = build_expert(kind, bb, task.classes, task.templates, settings)
         inputs = (x_train, self.pixels(task.train.images)) if expert.needs_pixels else (x_train,)
-        history = fit(expert, inputs, y_train, train, desc=f"train {name}", progress=progress)
+        history = fit(expert, inputs, y_train, train, desc=f"train {name}", progress=progress,
+                      criterion=expert.criterion)
         metrics = {k: round(v, 6) for k, v in history.items()}
         if len(task.test):
             x_test = self.features(task.test.images, f"encode {name}/test", progress)
@@ -184,7 +305,7 @@ class Zoo:
             y_test = torch.tensor(task.test.labels)
             with torch.no_grad():
                 metrics["test_acc"] = round(accuracy(expert(*test_in).argmax(1), y_test), 6)
-                metrics["zero_shot_acc"] = round(accuracy(zero_shot(*test_in).argmax(1), y_test), 6)
+                metrics["zero_shot_acc"] = round(accuracy(expert.zero_shot(x_test).argmax(1), y_test), 6)
         stats = compute_stats(x_train, y_train, len(task.classes))
         n_params = expert.trainable_params()
         record = {
@@ -224,14 +345,10 @@ class Zoo:
                 shutil.rmtree(target)
             target.parent.mkdir(exist_ok=True)
             os.rename(staging, target)
+            old_files = set(reg.get("router", {}).get("files", {}))
             reg["experts"][name] = record
-            reg["router"] = {**reg.get("router", {}), "version": int(reg.get("router", {}).get("version", 0)) + 1}
-            try:
-                registry.write(self.root, reg)
-            except BaseException:
-                shutil.rmtree(target, ignore_errors=True)
-                raise
-            self.registry = reg
+            self._commit_router(reg, old_files, lambda: self._stage_router(reg, add=name),
+                                undo=lambda: shutil.rmtree(target, ignore_errors=True))
 
     def remove(self, name: str, cascade: bool = False) -> None:
         """Drop an expert: the registry first (atomic), then its folder. An expert that fusion
@@ -247,9 +364,8 @@ class Zoo:
             if name not in reg["experts"]:
                 raise RegistryError(f"no expert named {name!r} in {self.root}")
             del reg["experts"][name]
-            reg["router"] = {**reg.get("router", {}), "version": int(reg.get("router", {}).get("version", 0)) + 1}
-            registry.write(self.root, reg)
-            self.registry = reg
+            old_files = set(reg.get("router", {}).get("files", {}))
+            self._commit_router(reg, old_files, lambda: self._stage_router(reg, drop=name))
         shutil.rmtree(self.expert_dir(name), ignore_errors=True)
         self._experts.pop(name, None)
 
@@ -264,6 +380,17 @@ class Zoo:
                     problems.append(f"{name}/{fname}: missing")
                 elif registry.sha256_file(path) != digest:
                     problems.append(f"{name}/{fname}: sha256 mismatch")
+        for rel, digest in self.registry.get("router", {}).get("files", {}).items():
+            path = self.root / rel
+            if not path.is_file():
+                problems.append(f"{rel}: missing")
+            elif registry.sha256_file(path) != digest:
+                problems.append(f"{rel}: sha256 mismatch")
+        if not problems and self.registry.get("router", {}).get("files"):
+            try:
+                self._load_router(self.registry["router"], self.names)
+            except RegistryError as e:
+                problems.append(str(e))
         return {"ok": not problems, "experts": len(self.registry["experts"]), "problems": problems}
 
     # ----- inference ------------------------------------------------------------------------
@@ -273,24 +400,32 @@ class Zoo:
         return self.router().route(feats, top_k)
 
     def predict_features(self, feats: torch.Tensor, task: str | None = None, top_k: int = 1,
-                         pixels: Callable[[list[int]], torch.Tensor] | None = None, mode: str = "top1") -> list[dict]:
+                         pixels: Callable[[list[int]], torch.Tensor] | None = None, mode: str = "top1",
+                         fallback: bool = True, classes: Sequence[str] | None = None) -> list[dict]:
         """Predictions for frozen features; each input runs only through its chosen expert
         (inputs grouped by expert). ``pixels(indices)`` supplies preprocessed pixels for experts
         that work inside the encoder. ``mode`` 'avg' / 'fusion' combine the routed top-k
-        (:meth:`predict_fused`); a given ``task`` ignores it."""
+        (:meth:`predict_fused`); a given ``task`` ignores it.
+
+        Routed inputs that belong to no known task (calibrated OOD score > 0) are answered by
+        zero-shot CLIP over ``classes`` (default: every expert's classes) with ``task`` None and
+        ``fallback`` True, unless ``fallback=False``. Each answer has task, label, score, routing
+        (top-k weights), fallback, and ``ood_score`` when routed."""
         if mode != "top1" and task is None:
-            return self.predict_fused(feats, top_k, pixels, mode)
+            return self.predict_fused(feats, top_k, pixels, mode, fallback, classes)
         if task is not None:
             self.record(task)
             chosen = [task] * len(feats)
             routing = [{task: 1.0}] * len(feats)
+            fell, ood = [False] * len(feats), None
         else:
             r = self.route(feats, top_k)
             chosen = [r.names[int(i)] for i in r.indices[:, 0]]
             routing = r.as_dicts()
+            fell, ood = (r.fallback.tolist() if fallback else [False] * len(feats)), r.ood_score
         out: list[dict] = [{} for _ in range(len(feats))]
-        for name in dict.fromkeys(chosen):
-            idx = [i for i, c in enumerate(chosen) if c == name]
+        for name in dict.fromkeys(c for c, f in zip(chosen, fell) if not f):
+            idx = [i for i, c in enumerate(chosen) if c == name and not fell[i]]
             exp = self.expert(name)
             if exp.needs_pixels and pixels is None:
                 raise ConfigError(f"expert {name!r} ({exp.kind}) needs images, not only cached features")
@@ -300,14 +435,39 @@ class Zoo:
             score, label = probs.max(1)
             for j, i in enumerate(idx):
                 out[i] = {"task": name, "label": exp.classes[int(label[j])], "score": round(float(score[j]), 6),
-                          "routing": routing[i]}
+                          "routing": routing[i], "fallback": False}
+        idx = [i for i, f in enumerate(fell) if f]
+        if idx:
+            names, probs = self.zero_shot(feats[idx], classes)
+            score, label = probs.max(1)
+            for j, i in enumerate(idx):
+                out[i] = {"task": None, "label": names[int(label[j])], "score": round(float(score[j]), 6),
+                          "routing": routing[i], "fallback": True}
+        if ood is not None:
+            for p, o in zip(out, ood.tolist()):
+                p["ood_score"] = round(o, 4)
         return out
 
+    def zero_shot(self, feats: torch.Tensor, classes: Sequence[str] | None = None) -> tuple[list[str], torch.Tensor]:
+        """Zero-shot CLIP over ``classes`` (default: every expert's classes, each once): the class
+        names and probabilities ``(B, C)``."""
+        names = list(dict.fromkeys(classes if classes is not None else
+                                   [c for rec in self.registry["experts"].values() for c in rec["classes"]]))
+        if not names or not all(isinstance(c, str) and c.strip() for c in names):
+            raise ConfigError("zero-shot fallback needs non-empty class names: pass classes (--classes a,b,c)")
+        bb = self.backbone
+        emb = bb.class_embeddings(names, DEFAULT_TEMPLATES)
+        with torch.no_grad():
+            probs = (bb.logit_scale * torch.nn.functional.normalize(feats.float(), dim=-1) @ emb.T).softmax(1)
+        return names, probs
+
     def predict(self, images: Sequence[ImageSource], task: str | None = None, top_k: int = 1,
-                progress: bool = False, mode: str = "top1") -> list[dict]:
+                progress: bool = False, mode: str = "top1", fallback: bool = True,
+                classes: Sequence[str] | None = None) -> list[dict]:
         feats = self.features(images, "encode", progress)
         preds = self.predict_features(feats, task, top_k, pixels=lambda idx: self.pixels([images[i] for i in idx]),
-                                      mode=mode)
+                                      mode=mode, fallback=fallback, classes=classes)
+        self._add_source_weights(feats, preds, lambda idx: self.pixels([images[i] for i in idx]))
         for i, (img, p) in enumerate(zip(images, preds)):
             p["path"] = str(img) if isinstance(img, (str, Path)) else f"<image {i}>"
         return [{"path": p.pop("path"), **p} for p in preds]
@@ -331,6 +491,147 @@ class Zoo:
         if task is None and own is not None:
             result["routing_accuracy"] = round(sum(p["task"] == own for p in preds) / max(1, len(preds)), 6)
         return result
+
+    # ----- fusion (see router.fusion) --------------------------------------------------------
+    def dependents(self, name: str) -> list[str]:
+        """Fusion experts that list ``name`` among their sources."""
+        return [n for n, r in registry.read(self.root)["experts"].items() if name in r.get("sources", [])]
+
+    def _add_fusion_task(self, data: TaskData | str | Path, name: str | None, kind: str,
+                         sources: Sequence[str] | None, settings: dict | None, train: TrainSettings,
+                         progress: bool) -> dict:
+        """Compose existing experts for a new task: train only a fusion layer and a head."""
+        t0 = time.perf_counter()
+        if kind != FUSION_KIND:
+            raise ConfigError(f"--from composes existing experts and needs --kind fusion, not {kind!r}")
+        task = data if isinstance(data, TaskData) else load_task(data, name=name)
+        name = check_name(name or task.name)
+        if name in self.registry["experts"]:
+            raise RegistryError(f"task {name!r} already exists in {self.root}: choose another --name or remove it first")
+        if train.epochs < 1 or train.batch_size < 1 or train.lr <= 0:
+            raise ConfigError("epochs and batch size must be >= 1 and lr > 0")
+        sources = list(dict.fromkeys(sources or self.names))
+        if not sources:
+            raise RegistryError(f"the zoo at {self.root} has no experts to compose yet: add tasks first")
+        opts = dict((settings or {}).get(FUSION_KIND, {}))
+        unknown = sorted((set(settings or {}) - {FUSION_KIND}) | (set(opts) - {"include_base"}))
+        if unknown:
+            raise ConfigError(f"unknown fusion settings {', '.join(unknown)}: fusion takes include_base")
+        bb = self.backbone
+        class_emb = bb.class_embeddings(task.classes, task.templates)
+        expert = FusionExpert({s: self.expert(s) for s in sources}, task.classes, task.templates, class_emb,
+                              bb.logit_scale, bb.fingerprint, bool(opts.get("include_base", True)),
+                              {s: self.record(s)["sha256"] for s in sources}, seed=train.seed)
+        x_train = self.features(task.train.images, f"encode {name}/train", progress)
+        y_train = torch.tensor(task.train.labels)
+        inputs = (x_train, self.pixels(task.train.images)) if expert.needs_pixels else (x_train,)
+        metrics = {k: round(v, 6) for k, v in fit(expert, inputs, y_train, train, desc=f"fuse {name}",
+                                                   progress=progress).items()}
+        if len(task.test):
+            x_test = self.features(task.test.images, f"encode {name}/test", progress)
+            test_in = (x_test, self.pixels(task.test.images)) if expert.needs_pixels else (x_test,)
+            y_test = torch.tensor(task.test.labels)
+            with torch.no_grad():
+                metrics["test_acc"] = round(accuracy(expert(*test_in).argmax(1), y_test), 6)
+                metrics["zero_shot_acc"] = round(accuracy((x_test @ class_emb.T).argmax(1), y_test), 6)
+        n_params = expert.trainable_params()
+        record = {"name": name, "kind": FUSION_KIND, "sources": sources, "classes": task.classes,
+                  "templates": task.templates, "files": {}, "sha256": "", "trainable_params": n_params,
+                  "trainable_share": n_params / bb.num_params,
+                  "training": {**train.to_dict(), "data": task.source, "n_train": len(task.train),
+                               "n_test": len(task.test), "settings": settings or {}},
+                  "metrics": metrics, "created": _now()}
+        staging = self.root / f".staging-{uuid.uuid4().hex}"
+        try:
+            written = expert.save(staging) + [compute_stats(x_train, y_train, len(task.classes)).save(staging)]
+            record["files"] = {f: registry.sha256_file(staging / f) for f in written}
+            record["sha256"] = record["files"]["weights.safetensors"]
+            record["metrics"]["add_seconds"] = round(time.perf_counter() - t0, 3)
+            self._commit_new_expert(name, staging, record)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        self._experts[name] = (record["sha256"], expert.eval())
+        return record
+
+    fusion_settings = FusionSettings()
+    fusion_info: dict = {}  # how the last global fusion was obtained (trained: loss, samples; or cached)
+
+    def global_fusion(self, top_k: int, settings: FusionSettings | None = None) -> GlobalFusion:
+        """The fusion layer over the routed top-k, trained on stored statistics the first time it is
+        needed for this set of experts (then cached; the zoo directory is never written)."""
+        settings = settings or self.fusion_settings
+        k = max(1, min(top_k, len(self.names)))
+        key = fusion_key(self.registry["experts"], self.registry.get("router", {}), k, settings)
+        if key not in self._fusions:
+            names, dim = self.names, self.backbone.embed_dim
+            self._fusions[key], self.fusion_info = load_or_train_global(
+                (self.cache_root or default_root()) / "fusion", key, dim,
+                lambda: train_global_fusion({i: self.expert(n) for i, n in enumerate(names)}, names,
+                                            [self.stats(n) for n in names], lambda x: (lambda r: (r.indices, r.weights))(self.route(x, k)),
+                                            dim, settings))
+        return self._fusions[key]
+
+    def predict_fused(self, feats: torch.Tensor, top_k: int = 2,
+                      pixels: Callable[[list[int]], torch.Tensor] | None = None, mode: str = "fusion",
+                      fallback: bool = True, classes: Sequence[str] | None = None) -> list[dict]:
+        """Task-agnostic answers combining the routed top-k experts: 'avg' (uniform average of their
+        output distributions) or 'fusion' (the global AdapterFusion; each answer carries its fusion
+        weights, expert -> weight). The answer is the best (task, class) over their classes; inputs
+        of no known task fall back to zero-shot CLIP as in :meth:`predict_features`."""
+        if mode not in MODES:
+            raise ConfigError(f"unknown prediction mode {mode!r}: choose from {', '.join(MODES)}")
+        if mode == "top1":
+            return self.predict_features(feats, None, top_k, pixels, fallback=fallback, classes=classes)
+        if top_k < 2:
+            raise ConfigError(f"mode {mode!r} combines the router's top-k experts: use --top-k 2 or more")
+        r = self.route(feats, top_k)
+        cand = r.indices
+        experts = {e: self.expert(r.names[e]) for e in cand.unique().tolist()}
+        out = (average_predict(experts, r.names, cand, feats, pixels) if mode == "avg"
+               else self.global_fusion(top_k).predict(experts, r.names, cand, r.weights, feats, pixels))
+        preds = []
+        for b, routing in enumerate(r.as_dicts()):
+            e = int(cand[b, out["slot"][b]])
+            p = {"task": r.names[e], "label": experts[e].classes[int(out["label"][b])],
+                 "score": round(float(out["score"][b]), 6), "routing": routing}
+            if mode == "fusion":
+                p["fusion"] = {r.names[int(i)]: round(float(w), 6) for i, w in zip(cand[b], out["weights"][b])}
+            preds.append({**p, "fallback": False})
+        fell = [i for i, f in enumerate(r.fallback.tolist()) if f and fallback]
+        if fell:
+            names, probs = self.zero_shot(feats[fell], classes)
+            score, label = probs.max(1)
+            for j, i in enumerate(fell):
+                preds[i].update(task=None, label=names[int(label[j])], score=round(float(score[j]), 6), fallback=True)
+        for p, o in zip(preds, r.ood_score.tolist() if r.ood_score is not None else []):
+            p["ood_score"] = round(o, 4)
+        return preds
+
+    def _add_source_weights(self, feats: torch.Tensor, preds: list[dict],
+                            pixels: Callable[[list[int]], torch.Tensor]) -> None:
+        """Answers given by a composed fusion expert also carry its weights over its sources."""
+        for name in {p["task"] for p in preds
+                     if p["task"] is not None and self.record(p["task"])["kind"] == FUSION_KIND}:
+            idx = [i for i, p in enumerate(preds) if p["task"] == name]
+            exp = self.expert(name)
+            for i, w in zip(idx, exp.fusion_weights(feats[idx], pixels(idx) if exp.needs_pixels else None)):
+                preds[i]["sources"] = w
+
+    # ----- the Hub (see zoo.hub) ------------------------------------------------------------
+    def push_to_hub(self, repo_id: str, **kwargs) -> dict:
+        """Upload this zoo in one commit; ``kwargs``: revision, private, message, dry_run, endpoint, token."""
+        from zoo.hub import push
+
+        return push(self.root, repo_id, **kwargs)
+
+    @classmethod
+    def from_hub(cls, repo_id: str, root: str | Path, cache_root: Path | None = None, **kwargs) -> "Zoo":
+        """Pull ``repo_id`` into the zoo at ``root`` (created if absent) and open it; ``kwargs``:
+        revision, only, force, endpoint, token."""
+        from zoo.hub import pull
+
+        pull(Path(root), repo_id, **kwargs)
+        return cls.open(root, cache_root)
 
 
 def dump(obj) -> str:

@@ -1,15 +1,25 @@
 """Adapter kinds: one folder per kind (``config.py`` + ``module.py``), registered here.
 
 Adding a kind = a folder, one :func:`register_adapter` line below, one row in the tests' table.
+
+A kind's module may implement any of (the :class:`zoo.expert.Expert` calls what is there):
+
+- ``add_hooks(hooks)``: put callables inside the frozen towers' blocks (:mod:`zoo.encoders`);
+  a module hooking the image tower makes its expert need pixels, not only cached features;
+- ``text_classifier(encode, class_emb)``: the classifier from its own text input (soft prompts);
+- ``adapt_image(f)`` / ``classifier(w)``: maps of the image embedding / classifier in the joint space.
+
+Every module starts as the identity (zero-initialised outputs): a fresh expert gives the zero-shot logits.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -21,6 +31,8 @@ class AdapterConfig:
     """Base of every kind's config; subclasses set ``kind`` and add fields with help text."""
 
     kind: str = ""
+    # training defaults of the kind where the user gives none ({'epochs': .., 'lr': ..}; see zoo.train.train_defaults)
+    train_defaults: ClassVar[dict[str, float]] = {}
 
     def validate(self, ctx: "ExpertContext") -> None:
         """Raise ConfigError for settings this backbone cannot host (checked before training)."""
@@ -29,11 +41,15 @@ class AdapterConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "AdapterConfig":
-        """Build from saved JSON: unknown keys warn, wrong types fail."""
+    def from_dict(cls, d: dict[str, Any], strict: bool = False) -> "AdapterConfig":
+        """Build from JSON: wrong types fail; unknown keys warn (saved configs) or fail (``strict``,
+        a user's fresh settings, where an unknown key is a typo)."""
         hints = typing.get_type_hints(cls)
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - fields)
+        if unknown and strict:
+            raise ConfigError(f"unknown setting(s) {', '.join(unknown)} for {d.get('kind') or cls.__name__}: "
+                              f"choose from {', '.join(sorted(fields - {'kind'}))}")
         if unknown:
             warnings.warn(f"{cls.__name__}: ignoring unknown settings {unknown}", stacklevel=2)
         kwargs = {}
@@ -47,7 +63,7 @@ class AdapterConfig:
 def _coerce(owner: str, key: str, value: Any, hint: Any) -> Any:
     origin = typing.get_origin(hint)
     base = origin or hint
-    if base is typing.Union:
+    if base is typing.Union or base is types.UnionType:
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         if value is None:
             return None
@@ -68,7 +84,7 @@ def _coerce(owner: str, key: str, value: Any, hint: Any) -> Any:
 class ExpertContext:
     """What a kind's module may read while it is built: the frozen backbone and the task."""
 
-    backbone: Any
+    backbone: Any  # zoo.backbone.Backbone
     classes: list[str]
     templates: list[str]
     class_emb: torch.Tensor  # (C, D) zero-shot classifier of the frozen backbone
@@ -96,11 +112,40 @@ def parse_kinds(spec: str) -> list[str]:
     return kinds
 
 
+def check_blocks(kind: str, blocks: list[int] | None, n: int, tower: str) -> list[int]:
+    """The block indices to adapt (``None``: all ``n``); ConfigError for one out of range."""
+    if blocks is None:
+        return list(range(n))
+    if not blocks:
+        raise ConfigError(f"{kind}: empty list of {tower} blocks (omit it to adapt every block)")
+    bad = [b for b in blocks if not 0 <= b < n]
+    if bad:
+        raise ConfigError(f"{kind}: {tower} block index {bad[0]} out of range: the {tower} tower has {n} blocks (0..{n - 1})")
+    if len(set(blocks)) != len(blocks):
+        raise ConfigError(f"{kind}: {tower} block indices repeat: {blocks}")
+    return sorted(blocks)
+
+
 def _register_builtins() -> None:
     from zoo.adapters.clip_adapter.config import CLIPAdapterConfig
     from zoo.adapters.clip_adapter.module import CLIPAdapter
+    from zoo.adapters.cross_modal.config import CrossModalConfig
+    from zoo.adapters.cross_modal.module import CrossModalAdapter
+    from zoo.adapters.lora.config import LoRAConfig
+    from zoo.adapters.lora.module import LoRA
+    from zoo.adapters.prompt.config import PromptConfig
+    from zoo.adapters.prompt.module import PromptLearner
+    from zoo.adapters.vit_adapter.config import ViTAdapterConfig
+    from zoo.adapters.vit_adapter.module import ViTAdapter
+    from zoo.adapters.vl_adapter.config import VLAdapterConfig
+    from zoo.adapters.vl_adapter.module import VLAdapter
 
     register_adapter("clip-adapter", CLIPAdapterConfig, CLIPAdapter)
+    register_adapter("vit-adapter", ViTAdapterConfig, ViTAdapter)
+    register_adapter("vl-adapter", VLAdapterConfig, VLAdapter)
+    register_adapter("lora", LoRAConfig, LoRA)
+    register_adapter("prompt", PromptConfig, PromptLearner)
+    register_adapter("cross-modal", CrossModalConfig, CrossModalAdapter)
 
 
 _register_builtins()

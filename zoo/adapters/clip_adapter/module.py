@@ -17,7 +17,7 @@ from zoo.adapters.clip_adapter.config import CLIPAdapterConfig
 
 
 class CLIPAdapter(nn.Module):
-    stage = "feature"  # works on the frozen image embedding, so it trains from the feature cache
+    """Works on the frozen image embedding only, so it trains from the feature cache."""
 
     def __init__(self, cfg: CLIPAdapterConfig, ctx: ExpertContext):
         super().__init__()

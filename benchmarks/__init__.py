@@ -1,0 +1,1 @@
+"""Benchmark scripts run by the maintainers (not part of the installed library)."""

@@ -1,0 +1,314 @@
+"""Every expert kind and stack through the same checks: a fresh expert is zero-shot CLIP, training
+moves it through every module, the backbone and other experts never change, files round-trip,
+bad settings fail early, and the default sizes stay under 5% of ViT-B/32."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import open_clip
+import pytest
+import torch
+from click.testing import CliRunner
+
+from conftest import snapshot
+from tasks.data import load_builtin, write_imagefolder
+from zoo.adapters import ADAPTERS, AdapterConfig
+from zoo.backbone import Backbone, BackboneSpec, fingerprint, load_backbone
+from zoo.cli import main
+from zoo.errors import ConfigError
+from zoo.expert import build_expert, load_expert, parse_settings
+from zoo.train import TrainSettings, fit, param_groups, train_defaults
+from zoo.zoo import Zoo
+
+# (stack, settings): each kind alone with defaults, non-default variants, and stacks.
+TABLE = [
+    ("clip-adapter", {}),
+    ("vit-adapter", {}),
+    ("vl-adapter", {}),
+    ("lora", {}),
+    ("prompt", {}),
+    ("cross-modal", {}),
+    ("lora+prompt", {}),
+    ("vit-adapter+clip-adapter", {}),
+    ("vit-adapter", {"vit-adapter": {"placement": "mlp", "blocks": [0, 2], "bottleneck": 4}}),
+    ("lora", {"lora": {"targets": ["q", "k", "v", "out"], "mlp": True, "rank": 4, "dropout": 0.1}}),
+    ("lora", {"lora": {"towers": "text"}}),
+    ("prompt", {"prompt": {"class_specific": True, "n_ctx": 6, "init": ""}}),
+    ("prompt", {"prompt": {"residual": False}}),
+    ("cross-modal", {"cross-modal": {"share": False}}),
+    ("vl-adapter+cross-modal", {"expert": {"kl_weight": 1.0, "ensemble": 0.3}}),
+]
+IDS = [k + ("-" + "-".join(f"{a}" for s in v.values() for a in s) if v else "") for k, v in TABLE]
+TRAIN = TrainSettings(epochs=2, batch_size=20)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny tensors: one thread avoids OpenMP spin-waiting on a busy shared machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def bb():
+    return load_backbone()
+
+
+@pytest.fixture(scope="module")
+def small():
+    """Two small built-in tasks (8 training images a class): the checks are about wiring, not accuracy."""
+    return {d: load_builtin(d, n_train=8, n_test=4) for d in ("shapes", "colours")}
+
+
+@pytest.fixture(scope="module")
+def shapes(bb, small):
+    task = small["shapes"]
+
+    def inputs(split):
+        px = torch.stack([bb.preprocess(im.convert("RGB")) for im in split.images])
+        return bb.encode_images(px), px, torch.tensor(split.labels)
+
+    return task, inputs(task.train), inputs(task.test)
+
+
+def _fresh(kind, settings, bb, task, seed=0):
+    torch.manual_seed(seed)
+    return build_expert(kind, bb, task.classes, task.templates, settings).eval()
+
+
+@pytest.mark.parametrize("kind,settings", TABLE, ids=IDS)
+def test_fresh_expert_is_zero_shot_clip(kind, settings, bb, shapes):
+    task, (x, px, _), _ = shapes
+    exp = _fresh(kind, settings, bb, task)
+    if settings.get("prompt", {}).get("residual") is False:
+        pytest.skip("plain CoOp replaces the prompt ensemble by its own prompt")
+    with torch.no_grad():
+        logits, zs = exp(x, px), exp.zero_shot(x)
+    assert zs.abs().max() > 1.0  # a real comparison, not two zero tensors
+    torch.testing.assert_close(logits, zs, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kind,settings", TABLE, ids=IDS)
+def test_training_moves_every_module_and_nothing_else(kind, settings, bb, shapes):
+    task, (x, px, y), _ = shapes
+    exp = _fresh(kind, settings, bb, task)
+    inputs = (x, px) if exp.needs_pixels else (x,)
+    fit(exp, inputs, y, TRAIN, progress=False, criterion=exp.criterion)
+    with torch.no_grad():
+        assert (exp(x, px) - exp.zero_shot(x)).abs().max() > 1e-3
+    # a module silently bypassed in the forward pass would get no gradient at all
+    exp.train()
+    exp.criterion(exp(x, px), inputs, y).backward()
+    for name, p in exp.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and p.grad.abs().sum() > 0, f"{name} gets no gradient: bypassed"
+    exp.eval()
+    assert fingerprint(bb.model_cfg, bb.model) == bb.fingerprint
+    assert not bb.model.training and not any(p.requires_grad for p in bb.model.parameters())
+    optimised = {id(p) for g in param_groups(exp, TRAIN) for p in g["params"]}
+    assert optimised == {id(p) for p in exp.parameters() if p.requires_grad}
+    assert not optimised & {id(p) for p in bb.model.parameters()}
+
+
+@pytest.fixture(scope="module")
+def shared_zoo(tmp_path_factory, small):
+    """One zoo for the table: a clip-adapter 'colours' expert first, then one expert per row."""
+    z = Zoo.create(tmp_path_factory.mktemp("table") / "zoo")
+    z.add_task(small["colours"], train=TRAIN, progress=False)
+    return z, snapshot(z.expert_dir("colours"))
+
+
+@pytest.mark.parametrize("row", range(len(TABLE)), ids=IDS)
+def test_zoo_round_trip_and_other_experts_untouched(row, shared_zoo, small, shapes):
+    kind, settings = TABLE[row]
+    z, colours = shared_zoo
+    name = f"shapes-{row}"
+    rec = z.add_task(small["shapes"], name=name, kind=kind, settings=settings, train=TRAIN, progress=False)
+    assert snapshot(z.expert_dir("colours")) == colours and z.verify()["ok"]
+    assert rec["kind"] == kind and rec["trainable_params"] == z.expert(name).trainable_params()
+    task, _, (x, px, _) = shapes
+    with torch.no_grad():
+        mem = z.expert(name)(x, px)
+        disk = load_expert(z.expert_dir(name), z.backbone)(x, px)
+    assert torch.equal(mem, disk)
+
+
+BAD = [
+    ("loraa", {}, "unknown expert kind 'loraa'"),
+    ("lora+lora", {}, "repeats a kind"),
+    ("lora", {"lora": {"rank": 0}}, "rank must be >= 1"),
+    ("lora", {"lora": {"rank": "8"}}, "rank must be int"),
+    ("lora", {"lora": {"rnk": 8}}, "unknown setting"),
+    ("lora", {"lora": {"targets": ["q", "x"]}}, "targets must be"),
+    ("lora", {"lora": {"towers": "audio"}}, "towers must be"),
+    ("lora", {"prompt": {"n_ctx": 2}}, "not in the stack"),
+    ("vit-adapter", {"vit-adapter": {"blocks": [3]}}, "block index 3 out of range"),
+    ("vl-adapter", {"vl-adapter": {"blocks": [-1]}}, "out of range"),
+    ("vit-adapter", {"vit-adapter": {"placement": "before"}}, "placement must be"),
+    ("vit-adapter", {"vit-adapter": {"bottleneck": 0}}, "bottleneck must be"),
+    ("prompt", {"prompt": {"n_ctx": 2}}, "more than n_ctx=2"),
+    ("prompt", {"prompt": {"n_ctx": 40}}, "n_ctx must be in"),
+    ("cross-modal", {"cross-modal": {"reduction": 0}}, "reduction must be"),
+    ("clip-adapter", {"expert": {"ensemble": 2}}, "ensemble in"),
+]
+
+
+@pytest.mark.parametrize("kind,settings,message", BAD, ids=[b[2] for b in BAD])
+def test_bad_settings_fail_before_training(kind, settings, message, empty_zoo, small, monkeypatch):
+    import zoo.zoo as zoo_mod
+
+    def no_training(*a, **k):
+        raise AssertionError("training started despite bad settings")
+
+    monkeypatch.setattr(zoo_mod, "fit", no_training)
+    before = snapshot(empty_zoo.root)
+    with pytest.raises(ConfigError, match=message):
+        empty_zoo.add_task(small["shapes"], kind=kind, settings=settings, progress=False)
+    assert snapshot(empty_zoo.root) == before
+
+
+def test_resnet_backbone_cannot_host_in_encoder_kinds():
+    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+
+    torch.manual_seed(0)
+    vision = CLIPVisionCfg(layers=(1, 1, 1, 1), width=8, image_size=32, head_width=8)
+    text = CLIPTextCfg(context_length=77, width=16, heads=2, layers=1)
+    model = CLIP(embed_dim=16, vision_cfg=vision, text_cfg=text)
+    cfg = {"embed_dim": 16, "vision_cfg": vision.__dict__, "text_cfg": text.__dict__}
+    rn = Backbone(BackboneSpec("RN50", "random-init"), model, cfg)
+    for kind in ("vit-adapter", "vl-adapter", "lora", "lora+prompt"):
+        with pytest.raises(ConfigError, match="ModifiedResNet image tower, not a vision transformer"):
+            build_expert(kind, rn, ["cat", "dog"], ["a {}."])
+    for kind, settings in (("lora", {"lora": {"towers": "text"}}), ("prompt", {}), ("cross-modal", {})):
+        assert not build_expert(kind, rn, ["cat", "dog"], ["a {}."], settings).needs_pixels
+
+
+def test_lora_matches_merged_weights_reference(bb, shapes):
+    """LoRA on q and v equals open_clip's own forward with ``W + (alpha/r) B A`` merged into the
+    q and v slices of each fused ``in_proj_weight`` (the reference implementation)."""
+    import copy
+
+    task, (x, px, _), _ = shapes
+    exp = _fresh("lora", {"lora": {"targets": ["q", "v"], "rank": 4, "alpha": 8.0}}, bb, task)
+    ref = copy.deepcopy(bb.model)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for key, site in exp.stack[0].sites.items():
+            tower, i, _ = key.split("_", 2)
+            blocks = ref.visual.transformer.resblocks if tower == "image" else ref.transformer.resblocks
+            w = blocks[int(i)].attn.in_proj_weight
+            W = w.shape[1]
+            for slot, part in (("q", 0), ("v", 2)):
+                lr = site.parts[slot]
+                lr.B.copy_(torch.randn(lr.B.shape, generator=g) * 0.05)
+                w[part * W:(part + 1) * W] += lr.scale * lr.B @ lr.A
+        expected_img = torch.nn.functional.normalize(ref.encode_image(px), dim=-1)
+        names = [c.replace("_", " ") for c in task.classes]
+        txt = ref.encode_text(bb.tokenizer([t.format(c) for c in names for t in task.templates]))
+        txt = torch.nn.functional.normalize(txt, dim=-1).view(len(names), len(task.templates), -1).mean(1)
+        torch.testing.assert_close(exp.adapted_features(x, px), expected_img, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(exp.class_weights(), torch.nn.functional.normalize(txt, dim=-1), atol=1e-5, rtol=1e-4)
+        assert (exp.adapted_features(x, px) - x).abs().max() > 1e-2  # the merged weights really differ
+
+
+def test_pixel_experts_refuse_features_only(bb, shapes):
+    task, (x, _, _), _ = shapes
+    with pytest.raises(ConfigError, match="needs pixels"):
+        _fresh("lora", {}, bb, task)(x)
+    assert not _fresh("lora", {"lora": {"towers": "text"}}, bb, task).needs_pixels
+
+
+def test_ensemble_mixes_zero_shot_logits(bb, shapes):
+    task, (x, px, y), _ = shapes
+    plain = _fresh("cross-modal", {}, bb, task)
+    mixed = _fresh("cross-modal", {"expert": {"ensemble": 0.25}}, bb, task)
+    fit(plain, (x,), y, TRAIN, progress=False)
+    mixed.load_state_dict(plain.state_dict())
+    with torch.no_grad():
+        expected = 0.75 * plain(x) + 0.25 * plain.zero_shot(x)
+        torch.testing.assert_close(mixed(x), expected)
+
+
+def test_kl_term_keeps_the_adapted_distribution_near_zero_shot(bb, shapes):
+    task, (x, px, y), _ = shapes
+
+    def kl_after(weight):
+        exp = _fresh("clip-adapter", {"expert": {"kl_weight": weight}}, bb, task)
+        fit(exp, (x,), y, TrainSettings(epochs=10, batch_size=32), progress=False, criterion=exp.criterion)
+        with torch.no_grad():
+            p, q = exp.zero_shot(x).log_softmax(1), exp(x).log_softmax(1)
+            return torch.nn.functional.kl_div(q, p, log_target=True, reduction="batchmean").item()
+
+    assert kl_after(5.0) < kl_after(0.0)
+
+
+def test_settings_parse_and_unknown_saved_keys_only_warn():
+    assert parse_settings(["lora.rank=4", 'lora.targets=["q","v"]', "prompt.init=a photo of",
+                           "expert.ensemble=0.5"]) == {
+        "lora": {"rank": 4, "targets": ["q", "v"]}, "prompt": {"init": "a photo of"}, "expert": {"ensemble": 0.5}}
+    with pytest.raises(ConfigError, match="KIND.KEY=VALUE"):
+        parse_settings(["rank=4"])
+    with pytest.warns(UserWarning, match="ignoring unknown settings"):
+        ADAPTERS["lora"][0].from_dict({"kind": "lora", "rank": 4, "from_the_future": 1})
+    assert issubclass(ADAPTERS["lora"][0], AdapterConfig)
+
+
+def test_in_encoder_kinds_default_to_fewer_epochs_at_a_higher_lr():
+    base = {"epochs": TrainSettings.epochs, "lr": TrainSettings.lr}
+    assert train_defaults("clip-adapter") == train_defaults("prompt+cross-modal") == base
+    assert train_defaults("lora+prompt") == train_defaults("vl-adapter") == {"epochs": 10, "lr": 5e-3}
+    assert train_defaults("fusion") == base  # a kind outside the adapter registry
+
+
+@pytest.fixture(scope="module")
+def vit_b32():
+    """ViT-B/32's architecture with random weights (nothing is downloaded)."""
+    torch.manual_seed(0)
+    model = open_clip.create_model("ViT-B-32")
+    return Backbone(BackboneSpec("ViT-B-32", "random-init"), model, open_clip.get_model_config("ViT-B-32"))
+
+
+@pytest.mark.parametrize("kind", [k for k in ADAPTERS] + ["lora+prompt", "vit-adapter+clip-adapter"])
+def test_default_experts_are_under_5_percent_of_vit_b32(kind, vit_b32):
+    classes = [f"class {i}" for i in range(10)]
+    exp = build_expert(kind, vit_b32, classes, ["a photo of a {}."])
+    share = exp.trainable_params() / vit_b32.num_params
+    assert 0 < share < 0.05, f"{kind}: {exp.trainable_params():,} params = {share:.2%}"
+
+
+def test_cli_add_task_stacks_predict_and_verify(tmp_path):
+    runner = CliRunner()
+
+    def run(*args, code=0):
+        res = runner.invoke(main, [str(a) for a in args], catch_exceptions=False)
+        assert res.exit_code == code, res.output
+        return res.output
+
+    zoo = tmp_path / "zoo"
+    run("init", "--zoo", zoo)
+    run("add-task", "--zoo", zoo, "--name", "shapes", "--data", "builtin:shapes", "--kind", "lora+prompt",
+        "--epochs", 1, "--set", "lora.rank=4", "--set", "expert.kl_weight=0.5", "--json")
+    run("add-task", "--zoo", zoo, "--name", "digits", "--data", "builtin:digits", "--kind", "vit-adapter",
+        "--epochs", 1, "--json")
+    bad = runner.invoke(main, ["add-task", "--zoo", str(zoo), "--name", "x", "--data", "builtin:colours",
+                               "--kind", "lora", "--set", "lora.rank=0"])
+    assert bad.exit_code == 1 and "error: lora rank must be >= 1" in bad.output
+    listed = {r["name"]: r for r in json.loads(run("list", "--zoo", zoo, "--json"))}
+    assert listed["shapes"]["kind"] == "lora+prompt" and listed["digits"]["kind"] == "vit-adapter"
+    assert listed["shapes"]["training"]["settings"] == {"lora": {"rank": 4}, "expert": {"kl_weight": 0.5}}
+    assert all(0 < r["trainable_params"] and 0 < r["trainable_share"] < 1 for r in listed.values())
+    assert json.loads((zoo / "experts" / "shapes" / "config.json").read_text())["options"]["kl_weight"] == 0.5
+    images = tmp_path / "images"
+    for d in ("shapes", "digits"):
+        write_imagefolder(load_builtin(d, n_train=0, n_test=4), images / d)
+    preds = json.loads(run("predict", "--zoo", zoo, "--json", images / "shapes" / "test", images / "digits" / "test"))
+    assert {"shapes", "digits"} <= {p["task"] for p in preds}  # one batch, routed to both experts
+    routed_right = sum(Path(p["path"]).parts[-4] == p["task"] for p in preds) / len(preds)
+    assert routed_right > 0.7
+    assert json.loads(run("verify", "--zoo", zoo, "--json"))["ok"]
+    z = Zoo.open(zoo)
+    assert z.expert("digits").needs_pixels and z.expert("shapes").needs_pixels

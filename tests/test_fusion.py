@@ -1,0 +1,252 @@
+"""AdapterFusion: the layer, composed experts (add-task --kind fusion), the three prediction modes,
+the global fusion's cache, removal of a composed expert's sources, the CLI and the benchmark."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from conftest import snapshot
+from router.fusion import BASE, AdapterFusion, FusionExpert, FusionSettings
+from tasks.data import write_imagefolder
+from tasks.fusion_bench import few_shot
+from tasks.spec import Split
+from zoo import registry
+from zoo.cache import default_root
+from zoo.cli import main
+from zoo.errors import ConfigError, IntegrityError, RegistryError
+from zoo.train import TrainSettings
+from zoo.zoo import Zoo
+
+SMALL = FusionSettings(n_pseudo=600, epochs=15, batch_size=200)
+FAST = TrainSettings(epochs=4, batch_size=32)
+
+
+@pytest.fixture(scope="module")
+def base_zoo(tmp_path_factory, builtin_tasks):
+    """shapes, colours, textures experts and 'digits' composed from shapes + colours."""
+    z = Zoo.create(tmp_path_factory.mktemp("fz") / "zoo")
+    for d in ("shapes", "colours", "textures"):
+        z.add_task(builtin_tasks[d], train=FAST, progress=False)
+    z.add_task(builtin_tasks["digits"], kind="fusion", sources=["shapes", "colours"], train=FAST, progress=False)
+    return z
+
+
+@pytest.fixture
+def zoo_copy(base_zoo, tmp_path):
+    shutil.copytree(base_zoo.root, tmp_path / "zoo")
+    z = Zoo.open(tmp_path / "zoo")
+    z.fusion_settings = SMALL
+    return z
+
+
+def test_fusion_layer_weights_are_a_distribution_and_values_start_as_identity():
+    torch.manual_seed(0)
+    layer = AdapterFusion(16, seed=1)
+    f, h = torch.randn(5, 16), torch.randn(5, 3, 16)
+    z, a = layer(f, h)
+    assert a.shape == (5, 3) and torch.allclose(a.sum(1), torch.ones(5)) and (a > 0).all()
+    assert torch.allclose(z.norm(dim=1), torch.ones(5))
+    z1, a1 = layer(f, h[:, :1])  # one candidate: its own feature, normalised (Wv = I at init)
+    assert torch.allclose(a1, torch.ones(5, 1)) and torch.allclose(z1, torch.nn.functional.normalize(h[:, 0], dim=1))
+    _, a2 = layer(f, h, bias=torch.tensor([[0.0, 50.0, 0.0]]).expand(5, 3))
+    assert (a2[:, 1] > 0.99).all()
+
+
+def test_adapted_features_and_class_weights_reproduce_forward(base_zoo, builtin_tasks):
+    x = base_zoo.features(builtin_tasks["shapes"].test.images, progress=False)
+    for name in ("shapes", "digits"):
+        exp = base_zoo.expert(name)
+        with torch.no_grad():
+            ref = exp.logit_scale * exp.adapted_features(x) @ exp.class_weights().T
+            assert torch.allclose(exp(x), ref, atol=1e-5)
+
+
+def test_compose_records_sources_and_never_touches_them(zoo_copy, builtin_tasks):
+    z = zoo_copy
+    before = {n: snapshot(z.expert_dir(n)) for n in ("shapes", "colours", "textures")}
+    rec = z.add_task(builtin_tasks["digits"], name="digits2", kind="fusion", sources=["textures", "shapes"],
+                     train=FAST, progress=False)
+    assert {n: snapshot(z.expert_dir(n)) for n in before} == before
+    assert rec["kind"] == "fusion" and rec["sources"] == ["textures", "shapes"]
+    assert set(rec["files"]) == {"config.json", "weights.safetensors", "stats.safetensors"}
+    exp = z.expert("digits2")
+    assert exp.candidates == ["textures", "shapes", BASE]
+    assert rec["trainable_params"] == 3 * 64 * 64 + len(rec["classes"]) * 64 == exp.trainable_params()
+    assert "digits2" in z.router().names and z.verify()["ok"]
+    registry.validate(json.loads((z.root / "registry.json").read_text()))
+    # trained: the fusion layer moved away from its initialisation
+    fresh = FusionExpert({}, exp.classes, exp.templates, exp.class_emb, exp.logit_scale, exp.fingerprint)
+    assert not torch.equal(exp.fusion.value.weight, fresh.fusion.value.weight)
+
+
+def test_compose_refuses_bad_requests(zoo_copy, builtin_tasks):
+    with pytest.raises(RegistryError, match="nope"):
+        zoo_copy.add_task(builtin_tasks["digits"], name="d3", kind="fusion", sources=["nope"], train=FAST, progress=False)
+    with pytest.raises(ConfigError, match="--kind fusion"):
+        zoo_copy.add_task(builtin_tasks["digits"], name="d3", sources=["shapes"], train=FAST, progress=False)
+    with pytest.raises(ConfigError, match="include_base"):
+        zoo_copy.add_task(builtin_tasks["digits"], name="d3", kind="fusion", settings={"fusion": {"rank": 2}},
+                          train=FAST, progress=False)
+    assert "d3" not in Zoo.open(zoo_copy.root).names
+
+
+def test_composed_expert_round_trip_gives_identical_outputs(base_zoo, builtin_tasks):
+    x = base_zoo.features(builtin_tasks["digits"].test.images, progress=False)
+    before = base_zoo.expert("digits")
+    again = Zoo.open(base_zoo.root).expert("digits")
+    assert again is not before
+    with torch.no_grad():
+        assert torch.equal(before(x), again(x))
+    assert before.fusion_weights(x) == again.fusion_weights(x)
+    w = again.fusion_weights(x)[0]
+    assert set(w) == {"shapes", "colours", BASE} and abs(sum(w.values()) - 1) < 1e-4
+
+
+def test_a_changed_source_is_refused(zoo_copy):
+    reg = registry.read(zoo_copy.root)
+    reg["experts"]["shapes"]["sha256"] = "0" * 64
+    registry.write(zoo_copy.root, reg)
+    with pytest.raises(IntegrityError, match="shapes"):
+        Zoo.open(zoo_copy.root).expert("digits")
+
+
+def test_removing_a_source_is_refused_or_cascades(zoo_copy):
+    with pytest.raises(RegistryError, match="digits.*--cascade"):
+        zoo_copy.remove("colours")
+    assert "colours" in Zoo.open(zoo_copy.root).names
+    zoo_copy.remove("textures")  # not a source: removed as usual
+    zoo_copy.remove("colours", cascade=True)
+    z = Zoo.open(zoo_copy.root)
+    assert z.names == ["shapes"] and not z.expert_dir("digits").exists() and z.verify()["ok"]
+
+
+def _fusion_preds(z, tasks, k=2):
+    """Fusion-mode answers per task, the task-agnostic accuracy and the mean weight on the true
+    task where the router offered it."""
+    preds = {t.name: z.predict_features(z.features(t.test.images, progress=False), top_k=k, mode="fusion")
+             for t in tasks}
+    ok = [p["task"] == t.name and p["label"] == t.classes[y] for t in tasks for p, y in zip(preds[t.name], t.test.labels)]
+    on_true = [p["fusion"][t.name] for t in tasks for p in preds[t.name] if t.name in p["fusion"]]
+    return preds, sum(ok) / len(ok), sum(on_true) / len(on_true)
+
+
+def test_three_modes_answer_in_the_same_format(zoo_copy, builtin_tasks):
+    x = zoo_copy.features(builtin_tasks["textures"].test.images, progress=False)
+    outs = {m: zoo_copy.predict_features(x, top_k=2, mode=m) for m in ("top1", "avg", "fusion")}
+    for m, preds in outs.items():
+        for p in preds:
+            assert p["task"] is None or p["label"] in zoo_copy.record(p["task"])["classes"]
+            assert 0 <= p["score"] <= 1 and p["task"] in p["routing"] or m == "top1"
+    for p in outs["fusion"]:
+        assert set(p["fusion"]) == set(p["routing"]) and abs(sum(p["fusion"].values()) - 1) < 1e-4
+    for p in outs["avg"] + outs["fusion"]:  # same keys as top-1 answers, zero-shot fallback included
+        assert set(outs["top1"][0]) - {"fusion"} <= set(p) and p["fallback"] is (p["task"] is None)
+    assert all("fusion" not in p for p in outs["avg"] + outs["top1"])
+    given = zoo_copy.predict_features(x, task="textures", mode="fusion")
+    assert all(p["task"] == "textures" for p in given)
+    with pytest.raises(ConfigError, match="top-k 2"):
+        zoo_copy.predict_features(x, top_k=1, mode="fusion")
+    with pytest.raises(ConfigError, match="unknown prediction mode"):
+        zoo_copy.predict_fused(x, top_k=2, mode="vote")
+
+
+def test_avg_mode_is_the_uniform_mixture_of_the_top_k(zoo_copy, builtin_tasks):
+    x = zoo_copy.features(builtin_tasks["shapes"].test.images[:6], progress=False)
+    r = zoo_copy.route(x, 2)
+    preds = zoo_copy.predict_features(x, top_k=2, mode="avg")
+    for b, p in enumerate(preds):
+        best = max(((0.5 * float(pr), r.names[int(e)], zoo_copy.expert(r.names[int(e)]).classes[c])
+                    for e in r.indices[b]
+                    for c, pr in enumerate(zoo_copy.expert(r.names[int(e)])(x[b:b + 1]).softmax(1)[0].detach())))
+        assert (p["task"], p["label"]) == best[1:] and abs(p["score"] - best[0]) < 1e-5
+
+
+def test_global_fusion_learns_from_stats_is_cached_and_never_writes_the_zoo(zoo_copy, builtin_tasks):
+    z = zoo_copy
+    z.remove("digits", cascade=True)
+    before = snapshot(z.root)
+    tasks = [builtin_tasks[d] for d in ("shapes", "colours", "textures")]
+    preds, acc, on_true = _fusion_preds(z, tasks)
+    assert snapshot(z.root) == before
+    assert list((z.cache_root or default_root()).joinpath("fusion").glob("*.safetensors"))
+    assert z.fusion_info["cached"] is False and z.fusion_info["n_used"] > 0
+    assert on_true > 0.5  # weight on the true task, where the router offered it, beats uniform 1/k
+    again = Zoo.open(z.root)
+    again.fusion_settings = SMALL
+    assert _fusion_preds(again, tasks)[0] == preds and again.fusion_info["cached"] is True
+    z.add_task(builtin_tasks["digits"], train=FAST, progress=False)  # new expert: a new fusion is trained
+    z.predict_features(z.features(tasks[0].test.images[:4], progress=False), top_k=2, mode="fusion")
+    assert z.fusion_info["cached"] is False
+
+
+def test_predict_of_a_composed_expert_reports_its_source_weights(base_zoo, builtin_tasks):
+    preds = base_zoo.predict(builtin_tasks["digits"].test.images[:3], task="digits")
+    assert all(set(p["sources"]) == {"shapes", "colours", BASE} for p in preds)
+
+
+def test_cli_compose_predict_fusion_and_cascade(zoo_copy, builtin_tasks, tmp_path, monkeypatch):
+    monkeypatch.setattr(Zoo, "fusion_settings", SMALL)
+    run = CliRunner().invoke
+    small = few_shot(builtin_tasks["digits"], 2, 0, "digits")
+    small.test = Split(small.train.images, small.train.labels)
+    data = write_imagefolder(small, tmp_path / "digits")
+    zd = str(zoo_copy.root)
+    r = run(main, ["add-task", "--zoo", zd, "--name", "d2", "--data", str(data), "--kind", "fusion",
+                   "--from", "shapes,textures", "--epochs", "2", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["sources"] == ["shapes", "textures"]
+    r = run(main, ["predict", "--zoo", zd, "--mode", "fusion", "--top-k", "2", "--json",
+                   str(data / "test" / "zero")])
+    assert r.exit_code == 0, r.output
+    preds = json.loads(r.output)
+    assert preds and all(abs(sum(p["fusion"].values()) - 1) < 1e-4 for p in preds)
+    r = run(main, ["remove", "--zoo", zd, "--name", "shapes"])
+    assert r.exit_code == 1 and "error:" in r.output and "--cascade" in r.output
+    r = run(main, ["remove", "--zoo", zd, "--name", "shapes", "--cascade", "--json"])
+    assert r.exit_code == 0, r.output
+    assert sorted(json.loads(r.output)["cascaded"]) == ["d2", "digits"]
+    assert Zoo.open(zd).names == ["colours", "textures"]
+
+
+def test_few_shot_draws_k_per_class_deterministically(builtin_tasks):
+    t = builtin_tasks["shapes"]
+    a, b = few_shot(t, 3, 0, "s3"), few_shot(t, 3, 0, "s3")
+    assert a.train.images == b.train.images and len(a.test) == len(t.test)
+    assert sorted(a.train.labels) == sorted(list(range(len(t.classes))) * 3)
+    assert few_shot(t, None, 0, "all").train.labels == t.train.labels
+
+
+def test_report_tables_and_plot(tmp_path):
+    from tasks.fusion_bench import markdown_tables, write_fusion_report
+
+    names = ["a", "b"]
+    mode = {"accuracy": 0.5, "task_accuracy": 0.75, "per_task": {"a": 0.4, "b": 0.6}, "task_ids": "routed",
+            "ms_per_image": 0.1}
+    few = {"shots": 4, "zero_shot_acc": 0.1, "no-source ablation": {"test_acc": 0.2},
+           "fusion": {"test_acc": 0.3, "trainable_params": 10}, "clip-adapter": {"test_acc": 0.25, "trainable_params": 5}}
+    res = {"domains": names, "new_task": "n", "settings": {"top_k": 2},
+           "task_agnostic": {m: mode for m in ("oracle", "top1", "avg", "fusion")},
+           "fusion_weights": {"tasks": names, "experts": names, "mean": [[0.9, 0.1], [0.2, 0.8]]},
+           "few_shot": [few], "composed_source_weights": {"4shot": {"a": 0.5, "b": 0.3, BASE: 0.2}}}
+    text = markdown_tables(res)
+    assert "| top-2 AdapterFusion | routed | 0.500 | 0.750 | 0.400 | 0.600 |" in text
+    assert "| 4 | 0.300 | 0.250 | 0.200 | 0.100 | 10 | 5 |" in text
+    write_fusion_report(res, tmp_path)
+    assert (tmp_path / "fusion_weights.png").stat().st_size > 1000
+    assert json.loads((tmp_path / "report.json").read_text())["new_task"] == "n"
+
+
+def test_composed_attention_prefers_the_source_trained_on_the_same_domain(zoo_copy, builtin_tasks):
+    t = builtin_tasks["shapes"]
+    longer = TrainSettings(epochs=20, batch_size=32, lr=1e-2)
+    zoo_copy.add_task(t, name="shapes-long", train=longer, progress=False)
+    zoo_copy.add_task(t, name="shapes2", kind="fusion", sources=["colours", "shapes-long", "textures"],
+                      settings={"fusion": {"include_base": False}}, train=longer, progress=False)
+    w = zoo_copy.expert("shapes2").fusion_weights(zoo_copy.features(t.test.images, progress=False))
+    mean = {n: sum(x[n] for x in w) / len(w) for n in w[0]}
+    assert BASE not in mean and mean["shapes-long"] > max(mean["colours"], mean["textures"]) + 0.05, mean

@@ -1,0 +1,174 @@
+"""The benchmark harness on small built-in sequences: report layout, baselines, orders, resume, CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from tasks import baselines
+from tasks.data import load_builtin, write_imagefolder
+from tasks.harness import METHODS, BenchSettings, run_benchmark
+from tasks.sequence import expand_domains, load_sequence, split_holdout, task_orders
+from zoo.cli import main
+from zoo.errors import ConfigError
+
+FAST = dict(epochs=2, batch_size=32)
+KEYS = {"avg", "last", "forgetting", "bwt", "transfer", "task_agnostic_acc", "oracle_acc", "routing_accuracy"}
+
+
+@pytest.fixture(scope="module")
+def seq():
+    return [load_builtin(d, n_train=10, n_test=4) for d in ("shapes", "colours", "digits")]
+
+
+@pytest.fixture(scope="module")
+def report(seq, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    return out, run_benchmark(seq, BenchSettings(**FAST), out=out, progress=False)
+
+
+def test_report_layout_and_files(seq, report):
+    out, res = report
+    T = len(seq)
+    assert res["tasks"] == [t.name for t in seq]
+    assert KEYS <= set(res["metrics"]) and len(res["acc_matrix"]) == T
+    assert set(res["baselines"]) == {"zoo-oracle", *METHODS}
+    for name, b in res["baselines"].items():
+        assert KEYS <= set(b), name
+        assert len(b["acc_matrix"]) == T and all(len(r) == T for r in b["acc_matrix"])
+        assert all(0 <= v <= 1 for r in b["acc_matrix"] for v in r)
+    assert json.loads((out / "report.json").read_text())["acc_matrix"] == res["acc_matrix"]
+    for f in ("report.md", "acc_matrix.png", "acc_curves.png"):
+        assert (out / f).stat().st_size > 0
+    md = (out / "report.md").read_text()
+    assert "| zoo (routed) | no |" in md and "joint (upper bound)" in md
+    assert res["ood"] == {"holdout": None, "available": False, "reason": "no --holdout domain given"}
+
+
+def test_zoo_never_changes_old_experts(report):
+    """With task ids given, the zoo's accuracy on a task is fixed once it is learned: zero forgetting."""
+    R = report[1]["baselines"]["zoo-oracle"]["acc_matrix"]
+    for j in range(len(R)):
+        assert len({R[i][j] for i in range(j, len(R))}) == 1
+    assert report[1]["baselines"]["zoo-oracle"]["forgetting"] == 0.0
+
+
+def test_costs_are_counted(seq, report):
+    b = report[1]["baselines"]
+    assert b["zero-shot"]["trainable_params"] == 0 == b["zero-shot"]["stored_params"]
+    assert b["ewc"]["stored_params"] == 3 * b["naive"]["stored_params"]  # model, Fisher, anchor
+    assert b["lwf"]["stored_params"] == 2 * b["naive"]["stored_params"]
+    assert b["joint"]["stored_images"] == sum(len(t.train) for t in seq)
+    assert report[1]["metrics"]["stored_params"] > report[1]["metrics"]["trainable_params"] > 0
+    assert report[1]["memory"]["peak_rss_mb"] > 0
+
+
+def test_state_restore_round_trip(seq):
+    """A restored method predicts exactly like the one that learned (what resume relies on)."""
+    embs = [torch.nn.functional.normalize(torch.randn(len(t.classes), 8), dim=-1) for t in seq]
+    data = [(torch.nn.functional.normalize(torch.randn(20, 8), dim=-1), torch.randint(0, len(t.classes), (20,)))
+            for t in seq[:2]]
+    from zoo.train import TrainSettings
+
+    for cls in (baselines.NaiveSequential, baselines.EWC, baselines.LwF, baselines.Joint):
+        a, b = cls(embs, 10.0, TrainSettings(epochs=2)), cls(embs, 10.0, TrainSettings(epochs=2))
+        for t, (x, y) in enumerate(data):
+            a.learn(t, x, y)
+        b.restore(a.state(), data)
+        x = torch.randn(5, 8)
+        assert torch.equal(a.agnostic(x, [0, 1])[1], b.agnostic(x, [0, 1])[1]), cls.name
+        for m in (a, b):  # the harness seeds every step the same way (joint draws a fresh model)
+            torch.manual_seed(1)
+            m.learn(2, *data[0])
+        assert torch.equal(a.model(x), b.model(x)), cls.name
+
+
+def test_resume_after_a_crash_reuses_finished_steps(seq, report, tmp_path, monkeypatch):
+    out = tmp_path / "crashed"
+    real = baselines.Joint.learn
+
+    def crash(self, t, x, y):
+        if t == 2:
+            raise RuntimeError("simulated crash")
+        return real(self, t, x, y)
+
+    monkeypatch.setattr(baselines.Joint, "learn", crash)
+    with pytest.raises(RuntimeError, match="simulated"):
+        run_benchmark(seq, BenchSettings(**FAST), out=out, progress=False)
+    assert (out / "zoo" / "experts" / seq[2].name).is_dir()  # trained by the crashed step
+    monkeypatch.setattr(baselines.Joint, "learn", real)
+    res = run_benchmark(seq, BenchSettings(**FAST), out=out, progress=False, resume=True)
+    assert res["runs"][0]["resumed_from_step"] == 2
+    clean = report[1]
+    assert res["acc_matrix"] == clean["acc_matrix"]
+    for name in clean["baselines"]:
+        assert res["baselines"][name]["acc_matrix"] == clean["baselines"][name]["acc_matrix"], name
+    with pytest.raises(ConfigError, match="cannot resume"):
+        run_benchmark(seq, BenchSettings(epochs=3, batch_size=32), out=out, progress=False, resume=True)
+
+
+def test_orders_and_seeds_aggregate(seq):
+    res = run_benchmark(seq[:2], BenchSettings(epochs=1, orders=2, seeds=2, methods=["naive"]), progress=False)
+    assert [(r["order"], r["seed"]) for r in res["runs"]] == [
+        (["shapes", "colours"], 0), (["shapes", "colours"], 1), (["colours", "shapes"], 0), (["colours", "shapes"], 1)]
+    agg = res["aggregate"]["naive"]["forgetting"]
+    vals = [r["methods"]["naive"]["forgetting"] for r in res["runs"]]
+    assert agg["n"] == 4 and agg["mean"] == pytest.approx(sum(vals) / 4, abs=1e-6)
+    assert set(res["baselines"]) == {"zoo-oracle", "naive"}
+
+
+def test_task_orders():
+    o = task_orders(4, 5, seed=3)
+    assert o[0] == [0, 1, 2, 3] and len({tuple(p) for p in o}) == 5
+    assert all(sorted(p) == [0, 1, 2, 3] for p in o)
+    assert o == task_orders(4, 5, seed=3) and o != task_orders(4, 5, seed=4)
+    with pytest.raises(ConfigError, match="only 2 orders"):
+        task_orders(2, 3, seed=0)
+
+
+def test_sequence_folder_holdout_and_cli(tmp_path):
+    root = tmp_path / "data"
+    for d in ("shapes", "colours", "textures"):
+        write_imagefolder(load_builtin(d, n_train=6, n_test=3), root / d)
+    assert [p.name for p in expand_domains([str(root)])] == ["colours", "shapes", "textures"]
+    rest, held = split_holdout(load_sequence([str(root)]), "textures")
+    assert [t.name for t in rest] == ["colours", "shapes"] and held.name == "textures"
+    r = CliRunner().invoke(main, ["bench", str(root), "--holdout", "textures", "--epochs", "1", "--methods",
+                                  "naive,ewc", "--out", str(tmp_path / "out"), "--json"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.output)
+    assert res["tasks"] == ["colours", "shapes"] and res["ood"]["holdout"] == "textures"
+    if res["ood"]["available"]:
+        assert 0 <= res["ood"]["fallback_rate"] <= 1 and 0 <= res["ood"]["false_fallback_rate"] <= 1
+    else:
+        assert "fallback" in res["ood"]["reason"]
+    bad = CliRunner().invoke(main, ["bench", str(root), "--methods", "magic", "--out", str(tmp_path / "o2")])
+    assert bad.exit_code == 1 and "error: unknown method(s) magic" in bad.output
+
+
+def test_avalanche_cross_check_rows(seq):
+    pytest.importorskip("avalanche")
+    from tasks.avalanche_check import AvalancheStrategy
+    from zoo.train import TrainSettings
+
+    res = run_benchmark(seq[:2], BenchSettings(epochs=1, methods=["naive", "avalanche-naive", "avalanche-ewc"]),
+                        progress=False)
+    for n in ("avalanche-naive", "avalanche-ewc"):
+        assert res["baselines"][n]["cross_check"] and len(res["baselines"][n]["acc_matrix"]) == 2
+    assert res["baselines"]["avalanche-ewc"]["stored_params"] > res["baselines"]["avalanche-naive"]["stored_params"]
+    # resume replays the finished tasks (each seeded): the same model comes back
+    embs = [torch.nn.functional.normalize(torch.randn(3, 8), dim=-1) for _ in range(2)]
+    data = [(torch.randn(16, 8), torch.randint(0, 3, (16,))) for _ in range(2)]
+
+    def fresh():  # the harness seeds before building its methods
+        torch.manual_seed(0)
+        return AvalancheStrategy("lwf", embs, 10.0, TrainSettings(epochs=2), 100.0, 1.0)
+
+    a, b = fresh(), fresh()
+    for t, (x, y) in enumerate(data):
+        a.learn(t, x, y)
+    b.restore({}, data)
+    assert torch.equal(a.model(data[0][0]), b.model(data[0][0]))

@@ -1,0 +1,268 @@
+"""The learned sparse router, the calibrated OOD fallback and their place in the zoo."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+
+from router.bench import _synthetic_stats, sequence_bench, RouterBenchSettings
+from router.gate import NearestStatsRouter
+from router.learned import RouterConfig, SparseRouter, balance_loss
+from router.ood import QUANTILES, detector_from_stats
+from router.stats import TaskStats, compute_stats
+from conftest import snapshot
+from zoo import registry
+from zoo.errors import ConfigError, RegistryError
+from zoo.train import TrainSettings
+from zoo.zoo import Zoo
+
+DIM = 64
+
+
+def _task(seed: int, n_per_class: int = 40, classes: int = 5, spread: float = 0.6):
+    """Features of a synthetic task: class clusters around a random centre on the unit sphere."""
+    g = torch.Generator().manual_seed(seed)
+    means = F.normalize(torch.randn(DIM, generator=g), dim=0) + spread * F.normalize(
+        torch.randn(classes, DIM, generator=g), dim=1)
+    y = torch.arange(classes).repeat(n_per_class)
+    x = F.normalize(means[y] + 0.5 / DIM ** 0.5 * torch.randn(len(y), DIM, generator=g), dim=1)
+    return x, y, means
+
+
+def _sample(means: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(len(means), (n,), generator=g)
+    return F.normalize(means[y] + 0.5 / DIM ** 0.5 * torch.randn(n, DIM, generator=g), dim=1)
+
+
+@pytest.fixture(scope="module")
+def synth():
+    """Four synthetic tasks: (stats, fresh test features) each."""
+    out = {}
+    for i in range(4):
+        x, y, means = _task(i)
+        out[f"t{i}"] = (compute_stats(x, y, len(means)), _sample(means, 100, 100 + i))
+    return out
+
+
+def test_stats_carry_ood_calibration_and_round_trip(tmp_path):
+    x, y, means = _task(0)
+    s = compute_stats(x, y, len(means))
+    assert s.ood_quantiles.shape == QUANTILES.shape
+    assert bool((s.ood_quantiles.diff() >= 0).all()) and float(s.ood_quantiles[0]) > 0
+    s.save(tmp_path)
+    back = TaskStats.load(tmp_path)
+    assert all(torch.equal(getattr(back, k), getattr(s, k).double()) for k in s.__dict__)
+    from safetensors.torch import save_file
+
+    save_file({k: v for k, v in back.__dict__.items() if k != "ood_quantiles"}, str(tmp_path / "stats.safetensors"))
+    with pytest.raises(RegistryError, match="ood_quantiles"):
+        TaskStats.load(tmp_path)
+
+
+def test_ood_threshold_is_calibrated_on_held_out_data(synth):
+    det = detector_from_stats([s for s, _ in synth.values()], q=0.95)
+    known = torch.cat([t for _, t in synth.values()])
+    far = torch.cat([_sample(_task(50 + i)[2], 100, 7) for i in range(2)])   # tasks never learned
+    assert float(det.is_ood(known).float().mean()) < 0.12        # about 1 - q, not more
+    assert float(det.is_ood(far).float().mean()) > 0.9
+    det.q = 0.5
+    assert float(det.is_ood(known).float().mean()) > 0.2          # a lower quantile falls back more
+    with pytest.raises(ConfigError):
+        detector_from_stats([s for s, _ in synth.values()], q=1.5)
+
+
+def test_sparse_router_learns_from_stats_and_keeps_old_tasks(synth):
+    r = SparseRouter(DIM, RouterConfig(steps=200))
+    accs = []
+    for i, (name, (stats, _)) in enumerate(synth.items()):
+        r.add(name, stats)
+        x = torch.cat([synth[n][1] for n in r.names])
+        y = torch.arange(len(r.names)).repeat_interleave(100)
+        routing = r.route(x, k=2)
+        accs.append(float((routing.indices[:, 0] == y).float().mean()))
+        assert torch.allclose(routing.weights.sum(1), torch.ones(len(x)))
+        assert routing.indices.shape == (len(x), min(2, i + 1))
+    assert min(accs) > 0.95, accs
+    assert routing.names == list(synth)
+
+
+def test_router_file_round_trip_is_exact(synth, tmp_path):
+    r = SparseRouter.from_stats({n: s for n, (s, _) in synth.items()}, RouterConfig(cold_steps=100))
+    files = r.save(tmp_path, "router-v1")
+    back = SparseRouter.load(tmp_path / files[0], tmp_path / files[1])
+    x = torch.cat([t for _, t in synth.values()])
+    assert torch.equal(back.scores(x), r.scores(x))
+    assert torch.equal(back.route(x).ood_score, r.route(x).ood_score)
+    assert back.names == r.names and back.config == r.config
+
+
+def test_remove_drops_one_slot_and_keeps_the_others(synth):
+    r = SparseRouter.from_stats({n: s for n, (s, _) in synth.items()}, RouterConfig(cold_steps=100))
+    x = torch.cat([t for _, t in synth.values()])
+    with torch.no_grad():
+        before = r.logits(x)
+    r.remove("t1")
+    with torch.no_grad():
+        after = r.logits(x)
+    assert r.names == ["t0", "t2", "t3"]
+    assert torch.equal(after, before[:, [0, 2, 3]])
+    with pytest.raises(RegistryError):
+        r.remove("t1")
+
+
+def test_update_works_on_a_fixed_pool_whatever_the_number_of_experts():
+    """The cost of an update is set by pool size and steps, not by the number of experts."""
+    tasks = _synthetic_stats(16, DIM, seed=1, per_class=12)
+    r = SparseRouter(DIM, RouterConfig(steps=5, pool=1024, min_per_task=16))
+    sizes = []
+    for i, (stats, _) in enumerate(tasks):
+        r.add(f"s{i}", stats)
+        sizes.append(r.info.get("pool", 0))
+    assert sizes[0] == 0 and max(sizes[1:]) <= 1024 + 16 and min(sizes[1:]) >= 1024 - 16
+
+
+def test_balance_loss_is_one_when_balanced_and_e_when_collapsed():
+    balanced = torch.eye(4) * 50
+    collapsed = torch.zeros(4, 4)
+    collapsed[:, 0] = 50
+    assert float(balance_loss(balanced)) == pytest.approx(1.0, abs=1e-4)
+    assert float(balance_loss(collapsed)) == pytest.approx(4.0, abs=1e-4)
+    r = SparseRouter(DIM, RouterConfig(steps=20, balance=0.1))
+    for i, (stats, _) in enumerate(_synthetic_stats(2, DIM, seed=2, per_class=12)):
+        r.add(f"s{i}", stats)
+    assert r.info["steps"] == 20
+
+
+def test_router_config_rejects_bad_settings():
+    with pytest.raises(ConfigError):
+        RouterConfig(steps=0)
+    with pytest.raises(ConfigError):
+        RouterConfig.from_dict({"hidden": 8, "colour": "red"})
+
+
+# ----- in the zoo ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def learned_zoo(tmp_path_factory, builtin_tasks):
+    z = Zoo.create(tmp_path_factory.mktemp("zoo") / "zoo")
+    z.refresh_router(kind="learned")
+    for name in ("shapes", "colours"):
+        z.add_task(builtin_tasks[name], train=TrainSettings(epochs=2, batch_size=32), progress=False)
+    return z
+
+
+def _copy(z: Zoo, tmp_path) -> Zoo:
+    shutil.copytree(z.root, tmp_path / "zoo")
+    return Zoo.open(tmp_path / "zoo")
+
+
+def test_zoo_keeps_a_versioned_verified_router_file(learned_zoo):
+    spec = learned_zoo.registry["router"]
+    assert spec["kind"] == "learned" and spec["version"] == 3
+    assert sorted(spec["files"]) == ["router/router-v3.json", "router/router-v3.safetensors"]
+    assert learned_zoo.verify()["ok"]
+    r = Zoo.open(learned_zoo.root).router()
+    assert isinstance(r, SparseRouter) and r.names == ["shapes", "colours"]
+
+
+def test_adding_a_task_leaves_old_experts_untouched(learned_zoo, builtin_tasks, tmp_path):
+    z = _copy(learned_zoo, tmp_path)
+    before = snapshot(z.root / "experts")
+    z.add_task(builtin_tasks["textures"], train=TrainSettings(epochs=1, batch_size=32), progress=False)
+    after = snapshot(z.root / "experts")
+    assert {k: v for k, v in after.items() if not k.startswith("textures/")} == before
+    assert z.registry["router"]["version"] == 4 and z.verify()["ok"]
+    assert z.router().names == ["shapes", "colours", "textures"]
+
+
+@pytest.mark.parametrize("where", ["registry", "router"])
+def test_a_failed_add_leaves_the_zoo_exactly_as_it_was(learned_zoo, builtin_tasks, tmp_path, monkeypatch, where):
+    z = _copy(learned_zoo, tmp_path)
+    before = snapshot(z.root)
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(*(registry, "write", boom) if where == "registry" else (SparseRouter, "add", boom))
+    with pytest.raises(OSError):
+        z.add_task(builtin_tasks["textures"], train=TrainSettings(epochs=1, batch_size=32), progress=False)
+    assert snapshot(z.root) == before
+    assert Zoo.open(z.root).verify()["ok"]
+
+
+def test_verify_catches_a_tampered_router_file(learned_zoo, tmp_path):
+    z = _copy(learned_zoo, tmp_path)
+    path = z.root / "router" / "router-v3.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))
+    rep = z.verify()
+    assert not rep["ok"] and any("router-v3.safetensors" in p for p in rep["problems"])
+
+
+def test_remove_and_refresh_update_the_router(learned_zoo, tmp_path):
+    z = _copy(learned_zoo, tmp_path)
+    z.remove("colours")
+    assert z.router().names == ["shapes"] and z.registry["router"]["version"] == 4 and z.verify()["ok"]
+    spec = z.refresh_router(kind="nearest-stats")
+    assert spec["files"] == {} and isinstance(Zoo.open(z.root).router(), NearestStatsRouter)
+    assert not list((z.root / "router").glob("router-v3*"))      # older versions are pruned
+    spec = z.refresh_router(kind="learned", ood_quantile=0.9)
+    assert spec["version"] == 6 and spec["ood_quantile"] == 0.9 and z.router().ood_quantile == 0.9
+    with pytest.raises(ConfigError):
+        z.refresh_router(kind="magic")
+
+
+def test_predictions_carry_fallback_and_zero_shot_answers(learned_zoo, builtin_tasks):
+    x = learned_zoo.features(builtin_tasks["shapes"].test.images[:8], progress=False)
+    far = -F.normalize(x.mean(0, keepdim=True), dim=1)    # the opposite direction: no known task
+    preds = learned_zoo.predict_features(torch.cat([x, far]), top_k=2)
+    assert all({"task", "label", "score", "routing", "fallback", "ood_score"} <= set(p) for p in preds)
+    assert preds[-1]["fallback"] is True and preds[-1]["task"] is None
+    assert sum(p["fallback"] for p in preds[:-1]) <= 2
+    known = {c for r in learned_zoo.registry["experts"].values() for c in r["classes"]}
+    assert preds[-1]["label"] in known
+    mine = learned_zoo.predict_features(far, classes=["boat", "tree"])
+    assert mine[0]["label"] in {"boat", "tree"}
+    forced = learned_zoo.predict_features(far, fallback=False)
+    assert forced[0]["fallback"] is False and forced[0]["task"] in learned_zoo.names
+    given = learned_zoo.predict_features(far, task="shapes")
+    assert given[0]["fallback"] is False and given[0]["task"] == "shapes"
+    with pytest.raises(ConfigError):
+        learned_zoo.predict_features(far, classes=[])
+
+
+def test_cli_predict_json_has_fallback_and_routing(learned_zoo, builtin_tasks, tmp_path):
+    from zoo.cli import main
+
+    img = tmp_path / "x.png"
+    builtin_tasks["colours"].test.images[0].save(img)
+    res = CliRunner().invoke(main, ["predict", "--zoo", str(learned_zoo.root), "--top-k", "2", "--json",
+                                    "--classes", "red,blue", str(img)])
+    assert res.exit_code == 0, res.output
+    (p,) = json.loads(res.output)
+    assert isinstance(p["fallback"], bool) and 1 <= len(p["routing"]) <= 2
+    assert p["label"] in ({"red", "blue"} if p["fallback"] else set(builtin_tasks["colours"].classes))
+
+
+def test_bench_router_sequence_and_scale(builtin_tasks, tmp_path):
+    from zoo.cli import main
+
+    res = sequence_bench([builtin_tasks["shapes"], builtin_tasks["colours"]], builtin_tasks["textures"],
+                         RouterBenchSettings(epochs=1), tmp_path / "zoo", progress=False)
+    last = res["per_step"][-1]
+    assert {"learned", "nearest-stats", "learned-cold"} <= set(last) and last["experts"] == 2
+    assert 0 <= last["learned"]["task_agnostic_acc"] <= last["learned"]["routing_acc"] <= 1
+    assert last["learned"]["delta_routing_acc"] is not None
+    assert res["per_step"][0]["learned"]["delta_routing_acc"] is None
+    assert 0 <= res["holdout"]["auroc"]["calibrated_class_loglik"] <= 1
+    out = CliRunner().invoke(main, ["bench-router", "--scale", "3", "--json"])
+    assert out.exit_code == 0, out.output
+    rows = json.loads(out.output)["scale"]["per_added_task"]
+    assert [r["experts"] for r in rows] == [1, 2, 3]
+    bad = CliRunner().invoke(main, ["bench-router"])
+    assert bad.exit_code == 1 and bad.output.startswith("error: nothing to run")

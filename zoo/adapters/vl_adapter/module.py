@@ -1,0 +1,7 @@
+"""VL-Adapter: :class:`zoo.adapters.vit_adapter.module.ViTAdapter` on both towers (its config's ``towers``)."""
+
+from zoo.adapters.vit_adapter.module import ViTAdapter
+
+
+class VLAdapter(ViTAdapter):
+    """Bottleneck adapters in the image and the text transformer's blocks."""
