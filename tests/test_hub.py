@@ -135,7 +135,11 @@ def test_dry_run_then_push_then_up_to_date(server, built, tmp_path):
     Zoo.open(root).remove("colours")
     plan = hub.push(root, REPO, dry_run=True, endpoint=server.endpoint)
     assert plan["changes"]["update"] == ["README.md", "registry.json"]
-    assert set(plan["changes"]["delete"]) == {"experts/colours/README.md"} | {
+    old_router = set(registry.read(built["zoo"])["router"]["files"])
+    new_router = set(registry.read(root)["router"]["files"])
+    assert new_router and not new_router & old_router  # removing an expert writes a new router version
+    assert set(plan["changes"]["add"]) == new_router
+    assert set(plan["changes"]["delete"]) == {"experts/colours/README.md"} | old_router | {
         f"experts/colours/{f}" for f in registry.read(built["zoo"])["experts"]["colours"]["files"]}
     hub.push(root, REPO, endpoint=server.endpoint)
     assert not any(p.startswith("experts/colours/") for p in server.files(REPO))
