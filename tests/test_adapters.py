@@ -312,3 +312,19 @@ def test_cli_add_task_stacks_predict_and_verify(tmp_path):
     assert json.loads(run("verify", "--zoo", zoo, "--json"))["ok"]
     z = Zoo.open(zoo)
     assert z.expert("digits").needs_pixels and z.expert("shapes").needs_pixels
+
+
+def test_bench_kinds_reports_every_method_measured_in_one_run(tmp_path):
+    out = tmp_path / "kinds"
+    r = CliRunner().invoke(main, ["bench-kinds", "builtin:shapes", "--methods", "clip-adapter,lora+prompt",
+                                  "--epochs", "1", "--repeats", "1", "--batch", "8", "--out", str(out), "--json"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.output)
+    assert [row["method"] for row in res["rows"]] == ["zero-shot", "clip-adapter", "lora+prompt"]
+    zs, ca, lp = res["rows"]
+    assert zs["trainable_params"] == 0 and 0 < ca["trainable_params"] < lp["trainable_params"]
+    assert all(0 <= row["test_acc"] <= 1 and row["ms_per_image"] > 0 for row in res["rows"])
+    assert res["machine"]["cpus"] >= 1 and json.loads((out / "kinds.json").read_text())["rows"] == res["rows"]
+    assert "| shapes | lora+prompt |" in (out / "kinds.md").read_text()
+    bad = CliRunner().invoke(main, ["bench-kinds", "builtin:shapes", "--methods", "lora+nope", "--out", str(tmp_path / "x")])
+    assert bad.exit_code != 0 and "unknown expert kind 'nope'" in bad.output and not (tmp_path / "x").exists()

@@ -22,7 +22,7 @@ def test_embedded_default_is_frozen_and_fingerprinted():
     assert all(not p.requires_grad for p in bb.model.parameters())
     assert not bb.model.training
     assert len(bb.fingerprint) == 64
-    assert bb.embed_dim == 64
+    assert bb.embed_dim == 128
     feats = bb.encode_images(torch.zeros(2, 3, 32, 32))
     assert torch.allclose(feats.norm(dim=-1), torch.ones(2), atol=1e-5)
 

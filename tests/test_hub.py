@@ -265,7 +265,8 @@ def test_cli_push_pull_and_errors(server, built, tmp_path):
     out = runner.invoke(main, ["push", "--zoo", str(built["zoo"]), REPO, "-m", "cli push"])
     assert out.exit_code == 0 and "pushed 2 experts" in out.output
     got = runner.invoke(main, ["pull", REPO, "--zoo", str(tmp_path / "z"), "--only", "shapes", "--json"])
-    assert got.exit_code == 0 and json.loads(got.stdout)["added"] == ["shapes"]
+    assert got.exit_code == 0, got.output
+    assert json.loads(got.stdout)["added"] == ["shapes"]
 
     bad = "hf_wrong_token_must_never_show"
     denied = runner.invoke(main, ["push", "--zoo", str(built["zoo"]), "me/other"], env={"HF_TOKEN": bad})

@@ -146,3 +146,28 @@ def test_create_refuses_existing_zoo(empty_zoo):
         Zoo.create(empty_zoo.root)
     with pytest.raises(RegistryError, match="no zoo at"):
         Zoo.open(empty_zoo.root / "nothing")
+
+
+def test_root_registry_json_is_a_valid_current_example():
+    """The repository's registry.json documents the schema: it validates, its backbone is the
+    embedded one as packaged now, and every expert's kind is one clipzoo can load."""
+    from conftest import REPO
+    from zoo.adapters import parse_kinds
+    from zoo.backbone import BackboneSpec, load_backbone
+
+    reg = registry.validate(json.loads((REPO / "registry.json").read_text()))
+    assert reg["backbone"]["fingerprint"] == load_backbone(BackboneSpec()).fingerprint
+    assert reg["experts"] and all(parse_kinds(r["kind"]) for r in reg["experts"].values())
+    assert all(f.startswith("router/") for f in reg["router"]["files"])
+
+
+@pytest.mark.parametrize("router, msg", [
+    ({"kind": "learned", "version": 1}, "needs 'kind', 'version' and 'files'"),
+    ({"kind": "learned", "version": 1, "files": {"../x.safetensors": "0" * 64}}, "bad file entry"),
+    ({"kind": "learned", "version": 1, "files": {"router/x.json": "abc"}}, "bad file entry"),
+])
+def test_registry_rejects_a_bad_router_entry(router, msg):
+    reg = {"schema_version": registry.SCHEMA_VERSION, "backbone": {"model": "m", "fingerprint": "f"},
+           "experts": {}, "router": router}
+    with pytest.raises(RegistryError, match=msg):
+        registry.validate(reg)

@@ -333,6 +333,32 @@ def bench_fusion(domains: tuple[str, ...], new_task: str, shots: str, top_k: int
     _print(res, as_json, markdown_tables(res) + f"\n\nreport written to {out}/")
 
 
+@main.command("bench-kinds")
+@click.argument("domains", nargs=-1, required=True)
+@click.option("--methods", default=None, help="Comma-separated kinds or '+' stacks (default: every kind and two stacks).")
+@click.option("--epochs", default=None, type=int, help="The same for every kind (default: each kind's own).")
+@click.option("--lr", default=None, type=float, help="The same for every kind (default: each kind's own).")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--repeats", default=7, show_default=True, type=int, help="Latency repeats (median).")
+@click.option("--batch", default=128, show_default=True, type=int, help="Latency batch size.")
+@click.option("--out", default="bench-kinds", show_default=True, type=click.Path(file_okay=False))
+@json_option
+def bench_kinds(domains: tuple[str, ...], methods: str | None, epochs: int | None, lr: float | None, seed: int,
+                repeats: int, batch: int, out: str, as_json: bool) -> None:
+    """Expert kinds side by side on DOMAINS (DIRs or builtin:<domain>): accuracy, trainable
+    parameters, training time and inference overhead versus the frozen backbone, in one run.
+
+    \b
+    Example: clipzoo bench-kinds data/mnist data/cifar10 --out bench-kinds/
+    """
+    from tasks.kinds_bench import METHODS, run_kinds_bench
+
+    kinds = methods.split(",") if methods else METHODS
+    res = run_kinds_bench(list(domains), kinds, epochs, lr, seed, repeats, batch, out=Path(out),
+                          echo=(lambda line: None) if as_json else click.echo)
+    _print(res, as_json, f"wrote {Path(out) / 'kinds.md'}")
+
+
 @main.command("bench-router")
 @click.argument("domains", nargs=-1)
 @click.option("--holdout", default=None, help="A domain never learned: OOD AUROC and fallback rates on it.")

@@ -370,7 +370,7 @@ def _merged(local: dict | None, remote: dict, fetch: list[str], take_sections: b
         reg = {**remote, "experts": {n: remote["experts"][n] for n in fetch}}
         if not take_sections:  # a partial clone: the router section without the remote's trained files
             for key, sec in sections(remote).items():
-                reg[key] = {k: v for k, v in sec.items() if k not in ("files", "sha256")}
+                reg[key] = {**{k: v for k, v in sec.items() if k != "sha256"}, "files": {}}
         return reg
     reg = json.loads(json.dumps(local))
     for name in fetch:

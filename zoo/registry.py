@@ -3,7 +3,8 @@
 Layout of a zoo directory::
 
     registry.json            schema_version, backbone, experts (name -> record), router
-    experts/<name>/          config.json, weights.safetensors, stats.safetensors
+    experts/<name>/          config.json, weights.safetensors, stats.safetensors, README.md
+    router/router-v<N>.*     the learned router's current (and previous) version
     .lock                    the write lock (filelock)
 
 The registry is the single source of truth: a folder under ``experts/`` that it does not name is
@@ -64,7 +65,20 @@ def validate(reg: dict) -> dict:
         for fname, digest in rec["files"].items():
             if "/" in fname or "\\" in fname or fname.startswith(".") or len(digest) != 64:
                 raise RegistryError(f"registry.json: expert {name!r} lists a bad file entry {fname!r}")
+    _validate_router(reg.get("router"))
     return reg
+
+
+def _validate_router(router: dict | None) -> None:
+    """The optional ``router`` entry: kind, version and its files (``router/<file>`` -> sha256)."""
+    if router is None:
+        return
+    if not isinstance(router, dict) or not {"kind", "version", "files"} <= set(router):
+        raise RegistryError("registry.json: 'router' needs 'kind', 'version' and 'files'")
+    for rel, digest in router["files"].items():
+        parts = rel.split("/")
+        if len(parts) != 2 or parts[0] != "router" or parts[1].startswith(".") or "\\" in rel or len(digest) != 64:
+            raise RegistryError(f"registry.json: the router lists a bad file entry {rel!r}")
 
 
 def read(root: Path) -> dict:

@@ -30,7 +30,7 @@ def train_defaults(kind: str) -> dict:
     """Epochs and LR for a stack when the user gives none: the fewest epochs and the highest LR
     among its kinds' ``train_defaults``, else :class:`TrainSettings`'. Kinds inside an encoder pay a
     backbone forward and backward pass per step, so they default to half the epochs at a higher LR
-    (on mnist and cifar10 about the accuracy of 20 epochs at 2e-3: ``benchmarks.kinds``)."""
+    (on mnist and cifar10 about the accuracy of 20 epochs at 2e-3: ``clipzoo bench-kinds``)."""
     from zoo.adapters import ADAPTERS
 
     found = [ADAPTERS[k][0].train_defaults for k in kind.split("+") if k in ADAPTERS]

@@ -33,7 +33,7 @@ from zoo.backbone import Backbone, BackboneSpec, load_backbone
 from zoo.cache import FeatureCache, default_root, encode_cached
 from zoo.errors import BackboneError, ConfigError, RegistryError
 from zoo.expert import Expert, build_expert, load_expert
-from zoo.train import TrainSettings, fit
+from zoo.train import Criterion, TrainSettings, cross_entropy, fit
 
 
 ROUTER_DIR = "router"  # the learned router's versioned files: router-v<version>.{safetensors,json}
@@ -285,19 +285,32 @@ class Zoo:
         if kind == FUSION_KIND or sources:
             return self._add_fusion_task(data, name, kind, sources, settings, train, progress)
         t0 = time.perf_counter()
+        task, name = self._new_task(data, name, train)
+        bb = self.backbone
+        expert = build_expert(kind, bb, task.classes, task.templates, settings)
+        return self._train_and_commit(expert, task, name, train, settings, progress, t0, verb="train",
+                                      zero_shot=expert.zero_shot, criterion=expert.criterion)
+
+    def _new_task(self, data: TaskData | str | Path, name: str | None, train: TrainSettings) -> tuple[TaskData, str]:
+        """Load the task data and check the name is free and the training settings are sane."""
         task = data if isinstance(data, TaskData) else load_task(data, name=name)
         name = check_name(name or task.name)
         if name in self.registry["experts"]:
             raise RegistryError(f"task {name!r} already exists in {self.root}: choose another --name or remove it first")
         if train.epochs < 1 or train.batch_size < 1 or train.lr <= 0:
             raise ConfigError("epochs and batch size must be >= 1 and lr > 0")
-        bb = self.backbone
-        expert = build_expert(kind, bb, task.classes, task.templates, settings)
+        return task, name
+
+    def _train_and_commit(self, expert: torch.nn.Module, task: TaskData, name: str, train: TrainSettings,
+                          settings: dict | None, progress: bool, t0: float, verb: str,
+                          zero_shot: Callable[[torch.Tensor], torch.Tensor], criterion: Criterion = cross_entropy,
+                          extra: dict | None = None) -> dict:
+        """Fit ``expert`` on the task's cached features, score it on the test split, stage its files
+        with their stats and commit it atomically. Returns the registry record."""
         x_train = self.features(task.train.images, f"encode {name}/train", progress)
         y_train = torch.tensor(task.train.labels)
         inputs = (x_train, self.pixels(task.train.images)) if expert.needs_pixels else (x_train,)
-        history = fit(expert, inputs, y_train, train, desc=f"train {name}", progress=progress,
-                      criterion=expert.criterion)
+        history = fit(expert, inputs, y_train, train, desc=f"{verb} {name}", progress=progress, criterion=criterion)
         metrics = {k: round(v, 6) for k, v in history.items()}
         if len(task.test):
             x_test = self.features(task.test.images, f"encode {name}/test", progress)
@@ -305,18 +318,18 @@ class Zoo:
             y_test = torch.tensor(task.test.labels)
             with torch.no_grad():
                 metrics["test_acc"] = round(accuracy(expert(*test_in).argmax(1), y_test), 6)
-                metrics["zero_shot_acc"] = round(accuracy(expert.zero_shot(x_test).argmax(1), y_test), 6)
-        stats = compute_stats(x_train, y_train, len(task.classes))
+                metrics["zero_shot_acc"] = round(accuracy(zero_shot(x_test).argmax(1), y_test), 6)
         n_params = expert.trainable_params()
         record = {
             "name": name,
             "kind": expert.kind,
+            **(extra or {}),
             "classes": task.classes,
             "templates": task.templates,
             "files": {},
             "sha256": "",
             "trainable_params": n_params,
-            "trainable_share": n_params / bb.num_params,
+            "trainable_share": n_params / self.backbone.num_params,
             "training": {**train.to_dict(), "data": task.source, "n_train": len(task.train),
                          "n_test": len(task.test), "settings": settings or {}},
             "metrics": metrics,
@@ -324,7 +337,7 @@ class Zoo:
         }
         staging = self.root / f".staging-{uuid.uuid4().hex}"
         try:
-            written = expert.save(staging) + [stats.save(staging)]
+            written = expert.save(staging) + [compute_stats(x_train, y_train, len(task.classes)).save(staging)]
             record["files"] = {f: registry.sha256_file(staging / f) for f in written}
             record["sha256"] = record["files"]["weights.safetensors"]
             record["metrics"]["add_seconds"] = round(time.perf_counter() - t0, 3)
@@ -504,12 +517,7 @@ class Zoo:
         t0 = time.perf_counter()
         if kind != FUSION_KIND:
             raise ConfigError(f"--from composes existing experts and needs --kind fusion, not {kind!r}")
-        task = data if isinstance(data, TaskData) else load_task(data, name=name)
-        name = check_name(name or task.name)
-        if name in self.registry["experts"]:
-            raise RegistryError(f"task {name!r} already exists in {self.root}: choose another --name or remove it first")
-        if train.epochs < 1 or train.batch_size < 1 or train.lr <= 0:
-            raise ConfigError("epochs and batch size must be >= 1 and lr > 0")
+        task, name = self._new_task(data, name, train)
         sources = list(dict.fromkeys(sources or self.names))
         if not sources:
             raise RegistryError(f"the zoo at {self.root} has no experts to compose yet: add tasks first")
@@ -522,36 +530,8 @@ class Zoo:
         expert = FusionExpert({s: self.expert(s) for s in sources}, task.classes, task.templates, class_emb,
                               bb.logit_scale, bb.fingerprint, bool(opts.get("include_base", True)),
                               {s: self.record(s)["sha256"] for s in sources}, seed=train.seed)
-        x_train = self.features(task.train.images, f"encode {name}/train", progress)
-        y_train = torch.tensor(task.train.labels)
-        inputs = (x_train, self.pixels(task.train.images)) if expert.needs_pixels else (x_train,)
-        metrics = {k: round(v, 6) for k, v in fit(expert, inputs, y_train, train, desc=f"fuse {name}",
-                                                   progress=progress).items()}
-        if len(task.test):
-            x_test = self.features(task.test.images, f"encode {name}/test", progress)
-            test_in = (x_test, self.pixels(task.test.images)) if expert.needs_pixels else (x_test,)
-            y_test = torch.tensor(task.test.labels)
-            with torch.no_grad():
-                metrics["test_acc"] = round(accuracy(expert(*test_in).argmax(1), y_test), 6)
-                metrics["zero_shot_acc"] = round(accuracy((x_test @ class_emb.T).argmax(1), y_test), 6)
-        n_params = expert.trainable_params()
-        record = {"name": name, "kind": FUSION_KIND, "sources": sources, "classes": task.classes,
-                  "templates": task.templates, "files": {}, "sha256": "", "trainable_params": n_params,
-                  "trainable_share": n_params / bb.num_params,
-                  "training": {**train.to_dict(), "data": task.source, "n_train": len(task.train),
-                               "n_test": len(task.test), "settings": settings or {}},
-                  "metrics": metrics, "created": _now()}
-        staging = self.root / f".staging-{uuid.uuid4().hex}"
-        try:
-            written = expert.save(staging) + [compute_stats(x_train, y_train, len(task.classes)).save(staging)]
-            record["files"] = {f: registry.sha256_file(staging / f) for f in written}
-            record["sha256"] = record["files"]["weights.safetensors"]
-            record["metrics"]["add_seconds"] = round(time.perf_counter() - t0, 3)
-            self._commit_new_expert(name, staging, record)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        self._experts[name] = (record["sha256"], expert.eval())
-        return record
+        return self._train_and_commit(expert, task, name, train, settings, progress, t0, verb="fuse",
+                                      zero_shot=lambda x: x @ class_emb.T, extra={"sources": sources})
 
     fusion_settings = FusionSettings()
     fusion_info: dict = {}  # how the last global fusion was obtained (trained: loss, samples; or cached)

@@ -14,12 +14,11 @@ task), so the numbers are oracle accuracies of the expert, not routed ones.
 
 Usage::
 
-    python -m benchmarks.kinds --data-dir ../shared/data --domains mnist,cifar10 --out bench-kinds
+    clipzoo bench-kinds data/mnist data/cifar10 --out bench-kinds
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import time
@@ -28,8 +27,10 @@ from pathlib import Path
 
 import torch
 
-from tasks.data import load_imagefolder, open_image
+from tasks.data import load_task, open_image
+from tasks.harness import machine_info
 from zoo.backbone import BackboneSpec, load_backbone
+from zoo.adapters import parse_kinds
 from zoo.expert import build_expert
 from zoo.train import TrainSettings, fit, train_defaults
 
@@ -59,9 +60,9 @@ def _latency(path, frozen, repeats: int) -> tuple[float, float]:
     return statistics.median(t_path), statistics.median(t_frozen)
 
 
-def run_domain(bb, root: Path, methods: list[str], s: TrainSettings, fixed: dict, repeats: int,
-               batch: int) -> list[dict]:
-    task = load_imagefolder(root)
+def run_domain(bb, source: str, methods: list[str], s: TrainSettings, fixed: dict, repeats: int,
+               batch: int, echo=print) -> list[dict]:
+    task = load_task(source)
     px_tr, px_te = _pixels(bb, task.train.images), _pixels(bb, task.test.images)
     y_tr, y_te = torch.tensor(task.train.labels), torch.tensor(task.test.labels)
     x_tr, x_te = _batched(bb.encode_images, px_tr), _batched(bb.encode_images, px_te)
@@ -76,10 +77,10 @@ def run_domain(bb, root: Path, methods: list[str], s: TrainSettings, fixed: dict
 
     acc = (_batched(zero_shot, x_te).argmax(1) == y_te).float().mean().item()
     t_path, t_frozen = _latency(frozen, frozen, repeats)
-    rows = [{"domain": root.name, "method": "zero-shot", "test_acc": acc, "trainable_params": 0,
+    rows = [{"domain": task.name, "method": "zero-shot", "test_acc": acc, "trainable_params": 0,
              "trainable_share": 0.0, "epochs": 0, "lr": 0.0, "train_seconds": 0.0, "ms_per_image": 1000 * t_path / len(px_lat),
              "overhead": t_path / t_frozen - 1}]
-    print(_row(rows[-1]), flush=True)
+    echo(_row(rows[-1]))
     for kind in methods:
         torch.manual_seed(s.seed)
         exp = build_expert(kind, bb, task.classes, task.templates)
@@ -90,10 +91,10 @@ def run_domain(bb, root: Path, methods: list[str], s: TrainSettings, fixed: dict
         acc = (_batched(exp, x_te, px_te).argmax(1) == y_te).float().mean().item()
         t_path, t_frozen = _latency(lambda: exp(bb.encode_images(px_lat), px_lat), frozen, repeats)
         n = exp.trainable_params()
-        rows.append({"domain": root.name, "method": kind, "test_acc": acc, "trainable_params": n,
+        rows.append({"domain": task.name, "method": kind, "test_acc": acc, "trainable_params": n,
                      "trainable_share": n / bb.num_params, "epochs": s.epochs, "lr": s.lr, "train_seconds": hist["train_seconds"],
                      "ms_per_image": 1000 * t_path / len(px_lat), "overhead": t_path / t_frozen - 1})
-        print(_row(rows[-1]), flush=True)
+        echo(_row(rows[-1]))
     return rows
 
 
@@ -111,35 +112,24 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join([HEADER] + [_row(r) for r in rows])
 
 
-def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--data-dir", required=True, type=Path, help="root of the ImageFolder domains")
-    ap.add_argument("--domains", default="mnist,cifar10", help="comma-separated domain folders")
-    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated kinds or '+' stacks")
-    ap.add_argument("--epochs", type=int, default=None, help="the same for every kind (default: each kind's)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--lr", type=float, default=None, help="the same for every kind (default: each kind's)")
-    ap.add_argument("--repeats", type=int, default=7, help="latency repeats (median)")
-    ap.add_argument("--batch", type=int, default=128, help="latency batch size")
-    ap.add_argument("--backbone", default=BackboneSpec.model)
-    ap.add_argument("--pretrained", default=BackboneSpec.pretrained)
-    ap.add_argument("--out", type=Path, default=Path("bench-kinds"))
-    a = ap.parse_args(argv)
-    bb = load_backbone(BackboneSpec(a.backbone, a.pretrained))
-    s = TrainSettings(seed=a.seed)
-    fixed = {k: v for k, v in (("epochs", a.epochs), ("lr", a.lr)) if v is not None}
-    print(HEADER, flush=True)
+def run_kinds_bench(domains: list[str], methods: list[str] = METHODS, epochs: int | None = None,
+                    lr: float | None = None, seed: int = 0, repeats: int = 7, batch: int = 128,
+                    backbone: BackboneSpec = BackboneSpec(), out: Path | None = None, echo=print) -> dict:
+    """Every method on every domain (DIRs or ``builtin:<domain>``); writes kinds.json/kinds.md to ``out``."""
+    for m in methods:
+        parse_kinds(m)  # an unknown kind fails before any work
+    bb = load_backbone(backbone)
+    s = TrainSettings(seed=seed)
+    fixed = {k: v for k, v in (("epochs", epochs), ("lr", lr)) if v is not None}
+    echo(HEADER)
     rows = []
-    for d in a.domains.split(","):
-        rows += run_domain(bb, a.data_dir / d, a.methods.split(","), s, fixed, a.repeats, a.batch)
+    for d in domains:
+        rows += run_domain(bb, d, methods, s, fixed, repeats, batch, echo)
     res = {"backbone": str(bb.spec), "backbone_params": bb.num_params, "train": {**s.to_dict(), **fixed},
-           "torch_threads": torch.get_num_threads(), "task_ids": "given (oracle)", "rows": rows}
-    a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "kinds.json").write_text(json.dumps(res, indent=2) + "\n")
-    (a.out / "kinds.md").write_text(markdown(rows) + "\n")
-    print("\n" + markdown(rows))
+           "latency": {"batch": batch, "repeats": repeats}, "machine": machine_info(),
+           "task_ids": "given (oracle)", "rows": rows}
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "kinds.json").write_text(json.dumps(res, indent=2) + "\n")
+        (out / "kinds.md").write_text(markdown(rows) + "\n")
     return res
-
-
-if __name__ == "__main__":
-    main()
