@@ -20,6 +20,7 @@ from zoo import registry
 from zoo.errors import ConfigError, RegistryError
 from zoo.train import TrainSettings
 from zoo.zoo import Zoo
+from zoo.cli import main
 
 DIM = 64
 
@@ -266,3 +267,17 @@ def test_bench_router_sequence_and_scale(builtin_tasks, tmp_path):
     assert [r["experts"] for r in rows] == [1, 2, 3]
     bad = CliRunner().invoke(main, ["bench-router"])
     assert bad.exit_code == 1 and bad.output.startswith("error: nothing to run")
+
+
+def test_cli_router_shows_and_switches_the_policy(learned_zoo, tmp_path):
+    z = _copy(learned_zoo, tmp_path)
+    before = snapshot(z.root / "experts")
+    shown = CliRunner().invoke(main, ["router", "--zoo", str(z.root), "--json"])
+    assert shown.exit_code == 0, shown.output
+    assert json.loads(shown.output)["version"] == 3 and json.loads(shown.output)["experts"] == ["shapes", "colours"]
+    out = CliRunner().invoke(main, ["router", "--zoo", str(z.root), "--kind", "nearest-stats", "--ood-quantile", "0.995"])
+    assert out.exit_code == 0 and "router nearest-stats v4 over 2 experts" in out.output
+    assert isinstance(Zoo.open(z.root).router(), NearestStatsRouter) and Zoo.open(z.root).router().ood.q == 0.995
+    bad = CliRunner().invoke(main, ["router", "--zoo", str(z.root), "--ood-quantile", "1.5"])
+    assert bad.exit_code != 0 and "quantile must be in (0, 1)" in bad.output
+    assert Zoo.open(z.root).registry["router"]["version"] == 4 and snapshot(z.root / "experts") == before

@@ -179,6 +179,33 @@ def verify(zoo_dir: str, as_json: bool) -> None:
         sys.exit(1)
 
 
+@main.command("router")
+@zoo_option
+@click.option("--kind", type=click.Choice(["learned", "nearest-stats"]), default=None,
+              help="Switch the routing policy (rebuilds the router from the stored statistics).")
+@click.option("--ood-quantile", default=None, type=float,
+              help="In-distribution quantile that sets the zero-shot fallback threshold (e.g. 0.99).")
+@click.option("--rebuild", is_flag=True, help="Retrain the router from every task's statistics.")
+@json_option
+def router_cmd(zoo_dir: str, kind: str | None, ood_quantile: float | None, rebuild: bool, as_json: bool) -> None:
+    """Show the zoo's router, or change it (a new router version; experts are never touched).
+
+    \b
+    Example: clipzoo router --zoo myzoo
+             clipzoo router --zoo myzoo --kind nearest-stats --ood-quantile 0.995
+    """
+    from zoo.zoo import Zoo
+
+    z = Zoo.open(zoo_dir)
+    if kind or ood_quantile is not None or rebuild:
+        z.refresh_router(kind=kind, ood_quantile=ood_quantile)
+    spec = dict(z.registry["router"])
+    info = {**spec, "experts": z.names}
+    text = (f"router {spec['kind']} v{spec['version']} over {len(z.names)} experts"
+            f" ({', '.join(z.names) or 'none'}); files: {', '.join(sorted(spec['files'])) or 'none'}")
+    _print(info, as_json, text)
+
+
 @main.command()
 @zoo_option
 @click.option("--task", default=None, help="Use this expert for every image (no routing).")

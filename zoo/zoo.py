@@ -175,14 +175,14 @@ class Zoo:
             return NearestStatsRouter({n: TaskStats.load(self.expert_dir(n)) for n in names}, q)
         if kind != LEARNED_ROUTER:
             raise RegistryError(f"unknown router kind {kind!r} in registry.json: use {NearestStatsRouter.name!r} "
-                                f"or {LEARNED_ROUTER!r} (zoo.refresh_router(kind=...))")
+                                f"or {LEARNED_ROUTER!r} (clipzoo router --zoo {self.root} --kind KIND)")
         files = sorted(spec.get("files", {}))
         if not files:
             return SparseRouter.from_stats({n: TaskStats.load(self.expert_dir(n)) for n in names}, ood_quantile=q)
         r = SparseRouter.load(self.root / files[1], self.root / files[0], q)   # sorted: .json, .safetensors
         if set(r.names) != set(names):
             raise RegistryError(f"the router file {files[1]} covers {r.names}, not the experts {names}: "
-                                "run zoo.refresh_router() to rebuild it")
+                                f"run 'clipzoo router --zoo {self.root} --rebuild'")
         return r
 
     def _stage_router(self, reg: dict, add: str | None = None, drop: str | None = None, rebuild: bool = False,
