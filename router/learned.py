@@ -5,11 +5,14 @@ class counts and pooled within-class shrunk covariance; the router copies what i
 means, counts, the covariance's Cholesky factor, the OOD calibration) into its own file, so
 routing and updating read one file whatever the number of experts.
 
-The gate's logit for task ``t`` is ``log p_t(x) + MLP(x)_t``: the task's class-mixture Gaussian
-log-likelihood (from the kept statistics; ``prior=False`` drops it) plus a learned correction.
-Training samples pseudo-features from every task's class Gaussians ``N(mu_c, Sigma_t)`` (projected
-onto the unit sphere, like real CLIP features) and fits the MLP by cross-entropy over tasks, plus
-an optional Switch-style load-balancing term. Adding a task appends one output row and fine-tunes
+The gate's logit for task ``t`` is ``MLP(x)_t``, or with ``prior=True`` ``log p_t(x) + MLP(x)_t``
+(the task's class-mixture Gaussian log-likelihood from the kept statistics plus a learned
+correction). Training samples pseudo-features from every task's class Gaussians
+``N(mu_c, Sigma_t)`` (projected onto the unit sphere, like real CLIP features) and fits the MLP by
+cross-entropy over tasks, plus an optional Switch-style load-balancing term. The prior is off by
+default: on real domains the correction, trained on samples of the very Gaussians the prior
+scores, learns nothing the prior lacks and the sum routes worse than either part (5 real domains,
+clipzoo-tiny: MLP alone 0.921-0.924, likelihood alone 0.916, both 0.901-0.903). Adding a task appends one output row and fine-tunes
 from the previous gate on a pool of fixed size (``pool`` samples shared by all tasks, ``steps``
 optimiser steps), so the update cost stays flat as experts are added. Optional real-feature
 exemplars per task (``exemplars``, off by default) replace that many of the task's pseudo-features.
@@ -47,7 +50,7 @@ class RouterConfig:
     """Settings of the learned gate (saved in the router's JSON file)."""
 
     hidden: int = 128            # hidden width of the gate MLP; 0 = a linear gate
-    prior: bool = True           # add each task's class-mixture Gaussian log-likelihood to its logit
+    prior: bool = False          # add each task's class-mixture Gaussian log-likelihood to its logit
     pool: int = 8192             # pseudo-features sampled per update, shared by all tasks
     min_per_task: int = 32       # ... but at least this many per task
     steps: int = 500             # optimiser steps when a task is added (warm start)

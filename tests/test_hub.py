@@ -74,6 +74,17 @@ def test_round_trip_gives_identical_predictions(server, built, builtin_tasks, tm
     images = builtin_tasks["shapes"].test.images + builtin_tasks["colours"].test.images
     assert pulled.predict(images) == zoo.predict(images)
     assert not list(pulled.root.glob(".staging*"))
+    for card in ["README.md"] + [f"experts/{n}/README.md" for n in zoo.names]:  # the cards come along
+        assert (pulled.root / card).read_bytes() == remote[card]
+
+
+def test_a_card_that_is_not_text_is_dropped_not_installed(server, built, tmp_path):
+    hub.push(built["zoo"], REPO, endpoint=server.endpoint)
+    server.tamper(REPO, "experts/shapes/README.md", b"\xff\xfe not utf-8")
+    got = hub.pull(tmp_path / "zoo", REPO, endpoint=server.endpoint)
+    assert "experts/shapes/README.md" not in got["cards"] and "experts/colours/README.md" in got["cards"]
+    assert not (tmp_path / "zoo" / "experts" / "shapes" / "README.md").exists()
+    assert Zoo.open(tmp_path / "zoo").verify()["ok"]
 
 
 def test_learned_router_travels_with_a_clone_and_is_refreshed_on_merge(server, built, builtin_tasks, tmp_path):

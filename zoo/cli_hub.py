@@ -67,7 +67,6 @@ def pull(repo_id: str, zoo_dir: str, revision: str | None, only: str | None, for
     names = [n.strip() for n in only.split(",") if n.strip()] if only else None
     r = run(zoo_dir, repo_id, revision=revision, only=names, force=force, endpoint=endpoint)
     parts = [f"{len(r[k])} {k}" for k in ("added", "replaced", "unchanged")]
-    note = {"needs refresh": f"; rebuild the router: clipzoo router --zoo {zoo_dir} --rebuild",
-            "refreshed": "; router refreshed"}.get(r["router"], "")
+    note = "; router refreshed" if r["router"] == "refreshed" else ""
     _print(r, as_json, f"pulled {repo_id}@{r['commit'][:12]} into {r['zoo']}"
                        f"{' (new zoo)' if r['created'] else ''}: {', '.join(parts)}{note}")

@@ -15,6 +15,8 @@ locally with other hashes unless ``force``. Then, under the zoo lock, folders ar
 registry is written atomically; any error removes the staging folder and leaves the zoo as it was.
 The remote's router files are taken only by a zoo without experts pulling all of the remote's;
 otherwise the local router is kept, and rebuilt (``Zoo.refresh_router``) when it is a trained one.
+Model cards (``README.md`` of the zoo and of each pulled expert) come along when they are UTF-8
+text of at most 1 MiB; any other card is dropped (``push`` regenerates a missing one).
 
 Endpoint and token come from huggingface_hub's own configuration (``HF_ENDPOINT``, ``HF_TOKEN``, the
 login cache); ``HF_ENDPOINT`` is read at call time and passed as ``endpoint=``. Tokens are never
@@ -330,10 +332,15 @@ def pull(root: Path, repo_id: str, *, revision: str | None = None, only: list[st
             fetch = plan["add"] + plan["replace"]
             take_sections = not (local or {"experts": {}})["experts"] and set(fetch) == set(remote["experts"])
             wanted = listed_files(remote, fetch, with_sections=take_sections)
-            if wanted:
-                snapshot_download(allow_patterns=list(wanted), local_dir=staging / "files", **kw)
+            remote_names = {sibling.rfilename for sibling in info.siblings or []}
+            cards = [c for c in [f"{registry.EXPERTS_DIR}/{n}/{CARD}" for n in fetch] + ([CARD] if local is None else [])
+                     if c in remote_names]
+            if wanted or cards:
+                snapshot_download(allow_patterns=list(wanted) + cards, local_dir=staging / "files", **kw)
         _verify_staged(staging / "files", wanted, remote["backbone"]["fingerprint"])
+        cards = _keep_text_cards(staging / "files", cards)
         folders = [f"{registry.EXPERTS_DIR}/{n}" for n in fetch] + (list(sections(remote)) if take_sections else [])
+        folders += [CARD] if CARD in cards else []
         with registry.lock(root):
             now = registry.read(root) if (root / registry.REGISTRY).is_file() else None
             if (now is None) != (local is None) or (now and now["experts"] != local["experts"]):
@@ -354,14 +361,29 @@ def pull(root: Path, repo_id: str, *, revision: str | None = None, only: list[st
     if fetch and not take_sections and sections(reg):  # a trained router that does not know the new experts
         from zoo.zoo import Zoo
 
-        zoo = Zoo.open(root)
-        refresh = getattr(zoo, "refresh_router", None)  # present once the router is trained and stored
-        router = "needs refresh"
-        if refresh is not None:
-            refresh()
-            router = "refreshed"
+        Zoo.open(root).refresh_router()
+        router = "refreshed"
     return {"repo_id": repo_id, "revision": rev, "commit": info.sha, "zoo": str(root), "created": local is None,
-            "added": plan["add"], "replaced": plan["replace"], "unchanged": plan["unchanged"], "router": router}
+            "added": plan["add"], "replaced": plan["replace"], "unchanged": plan["unchanged"], "router": router,
+            "cards": cards}
+
+
+def _keep_text_cards(folder: Path, cards: list[str], limit: int = 1 << 20) -> list[str]:
+    """The downloaded model cards that are regular UTF-8 files of at most ``limit`` bytes; the
+    others are deleted (a card is only text to read; ``push`` regenerates a missing one)."""
+    kept = []
+    for rel in cards:
+        file = folder / rel
+        ok = file.is_file() and not file.is_symlink() and file.stat().st_size <= limit
+        try:
+            ok = ok and bool(file.read_bytes().decode("utf-8") is not None)
+        except UnicodeDecodeError:
+            ok = False
+        if ok:
+            kept.append(rel)
+        elif file.exists() or file.is_symlink():
+            file.unlink()
+    return kept
 
 
 def _merged(local: dict | None, remote: dict, fetch: list[str], take_sections: bool) -> dict:
