@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from tasks.data import load_task, open_image
+from tasks.data import TaskData, load_task, open_image
 from tasks.harness import machine_info
 from zoo.backbone import BackboneSpec, load_backbone
 from zoo.adapters import parse_kinds
@@ -60,9 +60,8 @@ def _latency(path, frozen, repeats: int) -> tuple[float, float]:
     return statistics.median(t_path), statistics.median(t_frozen)
 
 
-def run_domain(bb, source: str, methods: list[str], s: TrainSettings, fixed: dict, repeats: int,
+def run_domain(bb, task: TaskData, methods: list[str], s: TrainSettings, fixed: dict, repeats: int,
                batch: int, echo=print) -> list[dict]:
-    task = load_task(source)
     px_tr, px_te = _pixels(bb, task.train.images), _pixels(bb, task.test.images)
     y_tr, y_te = torch.tensor(task.train.labels), torch.tensor(task.test.labels)
     x_tr, x_te = _batched(bb.encode_images, px_tr), _batched(bb.encode_images, px_te)
@@ -118,13 +117,14 @@ def run_kinds_bench(domains: list[str], methods: list[str] = METHODS, epochs: in
     """Every method on every domain (DIRs or ``builtin:<domain>``); writes kinds.json/kinds.md to ``out``."""
     for m in methods:
         parse_kinds(m)  # an unknown kind fails before any work
+    tasks = [load_task(d) for d in domains]  # bad data fails before any work
     bb = load_backbone(backbone)
     s = TrainSettings(seed=seed)
     fixed = {k: v for k, v in (("epochs", epochs), ("lr", lr)) if v is not None}
     echo(HEADER)
     rows = []
-    for d in domains:
-        rows += run_domain(bb, d, methods, s, fixed, repeats, batch, echo)
+    for task in tasks:
+        rows += run_domain(bb, task, methods, s, fixed, repeats, batch, echo)
     res = {"backbone": str(bb.spec), "backbone_params": bb.num_params, "train": {**s.to_dict(), **fixed},
            "latency": {"batch": batch, "repeats": repeats}, "machine": machine_info(),
            "task_ids": "given (oracle)", "rows": rows}

@@ -477,6 +477,12 @@ class Zoo:
     def predict(self, images: Sequence[ImageSource], task: str | None = None, top_k: int = 1,
                 progress: bool = False, mode: str = "top1", fallback: bool = True,
                 classes: Sequence[str] | None = None) -> list[dict]:
+        """Answers for images (paths or PIL images), routed unless ``task`` is given; see
+        :meth:`predict_features` and :meth:`predict_fused` for the keys."""
+        if not self.names:
+            raise RegistryError(f"the zoo at {self.root} has no experts yet: add one with 'clipzoo add-task'")
+        if task is not None:
+            self.record(task)
         feats = self.features(images, "encode", progress)
         preds = self.predict_features(feats, task, top_k, pixels=lambda idx: self.pixels([images[i] for i in idx]),
                                       mode=mode, fallback=fallback, classes=classes)
