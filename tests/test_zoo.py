@@ -171,3 +171,15 @@ def test_registry_rejects_a_bad_router_entry(router, msg):
            "experts": {}, "router": router}
     with pytest.raises(RegistryError, match=msg):
         registry.validate(reg)
+
+
+def test_predict_refuses_an_empty_zoo_or_unknown_task_before_encoding(empty_zoo, builtin_tasks, fast_train, monkeypatch):
+    images = builtin_tasks["shapes"].test.images[:2]
+    monkeypatch.setattr(Zoo, "features", lambda *a, **k: pytest.fail("encoded before checking"))
+    with pytest.raises(RegistryError, match="no experts yet"):
+        empty_zoo.predict(images)
+    monkeypatch.undo()
+    empty_zoo.add_task(builtin_tasks["shapes"], train=fast_train, progress=False)
+    monkeypatch.setattr(Zoo, "features", lambda *a, **k: pytest.fail("encoded before checking"))
+    with pytest.raises(RegistryError, match="no expert named 'nope'.*experts: shapes"):
+        empty_zoo.predict(images, task="nope")
