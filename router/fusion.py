@@ -102,7 +102,7 @@ class AdapterFusion(nn.Module):
 
 
 def _pixels_for(exp: nn.Module, name: str, rows: list[int], pixels: PixelFn | None) -> torch.Tensor | None:
-    if not getattr(exp, "needs_pixels", False):
+    if not exp.needs_pixels:
         return None
     if pixels is None:
         raise ConfigError(f"expert {name!r} ({exp.kind}) needs images, not only cached features")
@@ -210,7 +210,7 @@ def train_global_fusion(experts: Mapping[int, nn.Module], names: Sequence[str], 
     put in the top-k (others have no right answer to learn). Experts stay frozen.
     """
     for name, exp in zip(names, (experts[e] for e in range(len(names)))):
-        if getattr(exp, "needs_pixels", False):
+        if exp.needs_pixels:
             raise ConfigError(f"fusion mode trains on feature statistics, but expert {name!r} ({exp.kind}) "
                               "works inside the image encoder: use --mode top1 or avg")
     x, t, c = sample_pseudo(stats, s.n_pseudo, s.seed)
@@ -313,7 +313,7 @@ class FusionExpert(nn.Module):
 
     @property
     def needs_pixels(self) -> bool:
-        return any(getattr(s, "needs_pixels", False) for s in self._sources.values())
+        return any(s.needs_pixels for s in self._sources.values())
 
     def fuse(self, feats: torch.Tensor, pixels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Fused feature ``(B, D)`` and fusion weights ``(B, K)`` over :attr:`candidates`."""

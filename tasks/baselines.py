@@ -83,6 +83,9 @@ class ZeroShot:
     def stored_params(self) -> int:
         return 0
 
+    def stored_images(self) -> int:
+        return 0
+
     def state(self) -> dict[str, torch.Tensor]:
         return {}
 
@@ -178,6 +181,10 @@ class NaiveSequential:
     def stored_params(self) -> int:
         """Numbers kept between tasks (the model, plus whatever a regulariser keeps)."""
         return numel(self.model.state_dict().values())
+
+    def stored_images(self) -> int:
+        """Training images kept for later tasks (none: only joint training keeps them)."""
+        return 0
 
     def state(self) -> dict[str, torch.Tensor]:
         return {f"model.{k}": v.detach().clone() for k, v in self.model.state_dict().items()}

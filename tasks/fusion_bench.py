@@ -131,7 +131,7 @@ def run_fusion_bench(tasks: list[TaskData], new_task: TaskData, s: FusionBenchSe
         "few_shot": few, "composed_source_weights": source_weights,
         "timing": {"global_fusion_train_seconds": round(fusion_seconds, 3),
                    "total_seconds": round(time.perf_counter() - t_start, 3)},
-        "global_fusion": getattr(zoo, "fusion_info", {}),
+        "global_fusion": zoo.fusion_info,
         "backbone": zoo.registry["backbone"]["model"], "machine": machine_info(),
     }
     if out:

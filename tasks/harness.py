@@ -263,7 +263,7 @@ def _run(rid: str, order: list[int], seed: int, all_tasks: list[TaskData], all_f
                                      len(pile))}
     infer.update({m.name: _timed_ms(lambda m=m: m.agnostic(pile, list(range(T))), len(pile)) for m in methods})
     costs = {"zoo": (ztrain, zstored, 0), "zoo-oracle": (ztrain, zstored, 0)}
-    costs.update({m.name: (m.trainable_params(), m.stored_params(), getattr(m, "stored_images", lambda: 0)())
+    costs.update({m.name: (m.trainable_params(), m.stored_params(), m.stored_images())
                   for m in methods})
     out = {}
     for n in R:
