@@ -56,7 +56,7 @@ class Zoo:
         self.cache_root = cache_root
         self._backbone: Backbone | None = None
         self._experts: dict[str, tuple[str, Expert]] = {}
-        self._router: tuple[str, SparseRouter] | None = None
+        self._router: tuple[str, NearestStatsRouter | SparseRouter] | None = None
         self._fusions: dict[str, GlobalFusion] = {}
 
     # ----- creation and opening -------------------------------------------------------------
@@ -160,11 +160,8 @@ class Zoo:
         file, loaded once per version) or ``nearest-stats`` (built from every task's stats)."""
         spec = self.registry.get("router", {})
         key = json.dumps(spec, sort_keys=True)
-        if self._router is None or self._router[0] != key:
-            r = self._load_router(spec, self.names)
-            if not isinstance(r, SparseRouter):
-                return r
-            self._router = (key, r)
+        if self._router is None or self._router[0] != key:  # every add/remove/refresh bumps the version
+            self._router = (key, self._load_router(spec, self.names))
         return self._router[1]
 
     def _load_router(self, spec: dict, names: list[str]) -> NearestStatsRouter | SparseRouter:
@@ -436,7 +433,7 @@ class Zoo:
             chosen = [r.names[int(i)] for i in r.indices[:, 0]]
             routing = r.as_dicts()
             fell, ood = (r.fallback.tolist() if fallback else [False] * len(feats)), r.ood_score
-        out: list[dict] = [{} for _ in range(len(feats))]
+        out: list[dict] = [{"routing": routing[i]} for i in range(len(feats))]
         for name in dict.fromkeys(c for c, f in zip(chosen, fell) if not f):
             idx = [i for i, c in enumerate(chosen) if c == name and not fell[i]]
             exp = self.expert(name)
@@ -449,17 +446,21 @@ class Zoo:
             for j, i in enumerate(idx):
                 out[i] = {"task": name, "label": exp.classes[int(label[j])], "score": round(float(score[j]), 6),
                           "routing": routing[i], "fallback": False}
+        return self._fall_back(out, feats, fell, ood, classes)
+
+    def _fall_back(self, preds: list[dict], feats: torch.Tensor, fell: list[bool], ood: torch.Tensor | None,
+                   classes: Sequence[str] | None) -> list[dict]:
+        """Answer the inputs marked in ``fell`` with zero-shot CLIP (task None, fallback True) and
+        add each input's ``ood_score`` when routed."""
         idx = [i for i, f in enumerate(fell) if f]
         if idx:
             names, probs = self.zero_shot(feats[idx], classes)
             score, label = probs.max(1)
             for j, i in enumerate(idx):
-                out[i] = {"task": None, "label": names[int(label[j])], "score": round(float(score[j]), 6),
-                          "routing": routing[i], "fallback": True}
-        if ood is not None:
-            for p, o in zip(out, ood.tolist()):
-                p["ood_score"] = round(o, 4)
-        return out
+                preds[i].update(task=None, label=names[int(label[j])], score=round(float(score[j]), 6), fallback=True)
+        for p, o in zip(preds, ood.tolist() if ood is not None else []):
+            p["ood_score"] = round(o, 4)
+        return preds
 
     def zero_shot(self, feats: torch.Tensor, classes: Sequence[str] | None = None) -> tuple[list[str], torch.Tensor]:
         """Zero-shot CLIP over ``classes`` (default: every expert's classes, each once): the class
@@ -583,15 +584,8 @@ class Zoo:
             if mode == "fusion":
                 p["fusion"] = {r.names[int(i)]: round(float(w), 6) for i, w in zip(cand[b], out["weights"][b])}
             preds.append({**p, "fallback": False})
-        fell = [i for i, f in enumerate(r.fallback.tolist()) if f and fallback]
-        if fell:
-            names, probs = self.zero_shot(feats[fell], classes)
-            score, label = probs.max(1)
-            for j, i in enumerate(fell):
-                preds[i].update(task=None, label=names[int(label[j])], score=round(float(score[j]), 6), fallback=True)
-        for p, o in zip(preds, r.ood_score.tolist() if r.ood_score is not None else []):
-            p["ood_score"] = round(o, 4)
-        return preds
+        fell = r.fallback.tolist() if fallback else [False] * len(feats)
+        return self._fall_back(preds, feats, fell, r.ood_score, classes)
 
     def _add_source_weights(self, feats: torch.Tensor, preds: list[dict],
                             pixels: Callable[[list[int]], torch.Tensor]) -> None:
