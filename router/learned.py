@@ -111,10 +111,12 @@ class TaskGaussians:
 class Gate(nn.Module):
     """Features (unit-normed, scaled by sqrt(D)) -> [MLP] -> one logit per expert."""
 
-    def __init__(self, dim: int, hidden: int, n_out: int):
+    def __init__(self, dim: int, hidden: int, n_out: int, seed: int = 0):
         super().__init__()
         self.scale = math.sqrt(dim)
-        self.body = nn.Sequential(nn.Linear(dim, hidden), nn.GELU()) if hidden else nn.Identity()
+        with torch.random.fork_rng(devices=[]):  # a seeded init that leaves the caller's random state alone
+            torch.manual_seed(seed)
+            self.body = nn.Sequential(nn.Linear(dim, hidden), nn.GELU()) if hidden else nn.Identity()
         self.head = nn.Linear(hidden or dim, n_out)
         nn.init.zeros_(self.head.weight)   # a fresh gate adds nothing to the prior
         nn.init.zeros_(self.head.bias)
@@ -161,7 +163,7 @@ class SparseRouter:
         ex = exemplars or {}
         r.names = list(stats)
         r.tasks = [TaskGaussians.from_stats(s, r._cap(ex.get(n))) for n, s in stats.items()]
-        r.gate = Gate(dim, config.hidden, len(r.names))
+        r.gate = Gate(dim, config.hidden, len(r.names), config.seed)
         r._train(config.cold_steps)
         return r
 
@@ -172,7 +174,7 @@ class SparseRouter:
         if stats.class_means.shape[1] != self.dim:
             raise ConfigError(f"task {name!r} has {stats.class_means.shape[1]}-d features, the router {self.dim}-d")
         if self.gate is None:
-            self.gate = Gate(self.dim, self.config.hidden, 1)
+            self.gate = Gate(self.dim, self.config.hidden, 1, self.config.seed)
         else:
             self.gate = self.gate.resized(list(range(len(self.names))), 1)
         self.names.append(name)
@@ -209,7 +211,6 @@ class SparseRouter:
             self.info = {"update_seconds": round(time.perf_counter() - t0, 4), "steps": 0, "pool": 0}
             return
         gen = torch.Generator().manual_seed(c.seed + 1000 * len(self.names))
-        torch.manual_seed(c.seed + len(self.names))
         with one_thread():
             x, y = self.pool(gen)
             prior = self._prior(x)

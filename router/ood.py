@@ -33,12 +33,15 @@ def class_gaussians(x: np.ndarray, y: np.ndarray, num_classes: int) -> tuple[np.
     return means, cov
 
 
+def whiten(x: torch.Tensor, chol: torch.Tensor) -> torch.Tensor:
+    """Rows ``x (B, D)`` whitened by the covariance ``chol @ chol.T``: ``chol^-1 x``."""
+    return torch.linalg.solve_triangular(chol, x.double().T, upper=False).T
+
+
 def class_mahalanobis(x: torch.Tensor, means: torch.Tensor, chol: torch.Tensor) -> torch.Tensor:
     """Squared Mahalanobis distances ``(B, C)`` of rows ``x (B, D)`` to ``means (C, D)`` under the
     covariance ``chol @ chol.T``."""
-    z = torch.linalg.solve_triangular(chol, x.double().T, upper=False).T           # (B, D) whitened
-    m = torch.linalg.solve_triangular(chol, means.double().T, upper=False).T       # (C, D)
-    return torch.cdist(z, m).pow(2)
+    return torch.cdist(whiten(x, chol), whiten(means, chol)).pow(2)
 
 
 def min_class_mahalanobis(x: torch.Tensor, means: torch.Tensor, chol: torch.Tensor) -> torch.Tensor:
@@ -67,6 +70,7 @@ class OODDetector:
     def __init__(self, class_means: list[torch.Tensor], chols: list[torch.Tensor], quantiles: list[torch.Tensor],
                  q: float = DEFAULT_QUANTILE):
         self.class_means, self.chols, self.quantiles = class_means, chols, quantiles
+        self._white_means: list[torch.Tensor] | None = None
         self.logdets = torch.stack([2 * torch.log(torch.diagonal(c.double())).sum() for c in chols]) if chols \
             else torch.empty(0, dtype=torch.float64)
         self.q = q
@@ -100,7 +104,9 @@ class OODDetector:
 
     def distances(self, feats: torch.Tensor) -> list[torch.Tensor]:
         """Per task, the squared Mahalanobis distances to its classes ``(B, C_t)``."""
-        return [class_mahalanobis(feats, m, c) for m, c in zip(self.class_means, self.chols)]
+        if self._white_means is None:  # the class means whitened once, not per call
+            self._white_means = [whiten(m, c) for m, c in zip(self.class_means, self.chols)]
+        return [torch.cdist(whiten(feats, c), wm).pow(2) for c, wm in zip(self.chols, self._white_means)]
 
     def task_scores(self, feats: torch.Tensor, dists: list[torch.Tensor] | None = None) -> torch.Tensor:
         """``d_t(x) + log det Sigma_t`` for every task: ``(B, E)`` (``-2 log p`` up to a constant)."""

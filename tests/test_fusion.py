@@ -251,3 +251,13 @@ def test_composed_attention_prefers_the_source_trained_on_the_same_domain(zoo_co
     w = zoo_copy.expert("shapes2").fusion_weights(zoo_copy.features(t.test.images, progress=False))
     mean = {n: sum(x[n] for x in w) / len(w) for n in w[0]}
     assert BASE not in mean and mean["shapes-long"] > max(mean["colours"], mean["textures"]) + 0.05, mean
+
+
+def test_cascade_removes_a_diamond_of_fusion_experts_once(zoo_copy, builtin_tasks):
+    """y composes shapes and digits, digits composes shapes: removing shapes removes both, once."""
+    z = zoo_copy
+    z.add_task(builtin_tasks["textures"], name="y", kind="fusion", sources=["shapes", "digits"], train=FAST,
+               progress=False)
+    removed = z.remove("shapes", cascade=True)
+    assert sorted(removed[:-1]) == ["digits", "y"] and removed[-1] == "shapes"
+    assert z.names == ["colours", "textures"] and z.verify()["ok"]

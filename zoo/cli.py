@@ -156,12 +156,7 @@ def remove(zoo_dir: str, name: str, cascade: bool, as_json: bool) -> None:
     """
     from zoo.zoo import Zoo
 
-    z = Zoo.open(zoo_dir)
-    users, todo = [], z.dependents(name) if cascade else []
-    while todo:  # fusion experts built on it, directly or through another fusion expert
-        users.append(todo.pop(0))
-        todo += [u for u in z.dependents(users[-1]) if u not in users + todo]
-    z.remove(name, cascade=cascade)
+    users = Zoo.open(zoo_dir).remove(name, cascade=cascade)[:-1]
     also = f" and the fusion experts composed from it: {', '.join(users)}" if users else ""
     _print({"removed": name, "cascaded": users}, as_json, f"removed {name}{also}")
 

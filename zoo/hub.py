@@ -14,7 +14,7 @@ sha256 against the remote registry, refuses another backbone, and refuses an exp
 locally with other hashes unless ``force``. Then, under the zoo lock, folders are moved in and the
 registry is written atomically; any error removes the staging folder and leaves the zoo as it was.
 The remote's router files are taken only by a zoo without experts pulling all of the remote's;
-otherwise the local router is kept, and rebuilt (``Zoo.refresh_router``) when it is a trained one.
+otherwise the local router is kept and rebuilt over the merged experts (``Zoo.refresh_router``).
 Model cards (``README.md`` of the zoo and of each pulled expert) come along when they are UTF-8
 text of at most 1 MiB; any other card is dropped (``push`` regenerates a missing one).
 
@@ -358,7 +358,7 @@ def pull(root: Path, repo_id: str, *, revision: str | None = None, only: list[st
     shutil.rmtree(staging, ignore_errors=True)
     (root / registry.EXPERTS_DIR).mkdir(exist_ok=True)
     router = "from remote" if take_sections else "local"
-    if fetch and not take_sections and sections(reg):  # a trained router that does not know the new experts
+    if fetch and not take_sections:  # the router must learn the new experts (one new router version)
         from zoo.zoo import Zoo
 
         Zoo.open(root).refresh_router()
@@ -376,7 +376,8 @@ def _keep_text_cards(folder: Path, cards: list[str], limit: int = 1 << 20) -> li
         file = folder / rel
         ok = file.is_file() and not file.is_symlink() and file.stat().st_size <= limit
         try:
-            ok = ok and bool(file.read_bytes().decode("utf-8") is not None)
+            if ok:
+                file.read_bytes().decode("utf-8")
         except UnicodeDecodeError:
             ok = False
         if ok:
@@ -399,8 +400,4 @@ def _merged(local: dict | None, remote: dict, fetch: list[str], take_sections: b
         reg["experts"][name] = remote["experts"][name]
     if take_sections:  # an empty zoo takes the remote's trained router as is
         reg.update(sections(remote))
-        return reg
-    if fetch:
-        router = reg.get("router", {})
-        reg["router"] = {**router, "version": int(router.get("version", 0)) + 1}
     return reg

@@ -58,6 +58,7 @@ class Zoo:
         self._experts: dict[str, tuple[str, Expert]] = {}
         self._router: tuple[str, NearestStatsRouter | SparseRouter] | None = None
         self._fusions: dict[str, GlobalFusion] = {}
+        self._zero_shot_emb: dict[tuple[str, ...], torch.Tensor] = {}
 
     # ----- creation and opening -------------------------------------------------------------
     @classmethod
@@ -360,15 +361,18 @@ class Zoo:
             self._commit_router(reg, old_files, lambda: self._stage_router(reg, add=name),
                                 undo=lambda: shutil.rmtree(target, ignore_errors=True))
 
-    def remove(self, name: str, cascade: bool = False) -> None:
+    def remove(self, name: str, cascade: bool = False) -> list[str]:
         """Drop an expert: the registry first (atomic), then its folder. An expert that fusion
-        experts compose is refused, or removed after them with ``cascade=True``."""
+        experts compose is refused, or removed after them with ``cascade=True``. Returns every
+        name removed, ``name`` last."""
         users = self.dependents(name)
         if users and not cascade:
             raise RegistryError(f"expert {name!r} is a source of fusion expert(s) {', '.join(users)}: "
                                 "remove those first, or use --cascade to remove them too")
+        removed: list[str] = []
         for user in users:
-            self.remove(user, cascade=True)
+            if user in registry.read(self.root)["experts"]:  # not already gone with another user
+                removed += self.remove(user, cascade=True)
         with registry.lock(self.root):
             reg = registry.read(self.root)
             if name not in reg["experts"]:
@@ -378,6 +382,7 @@ class Zoo:
             self._commit_router(reg, old_files, lambda: self._stage_router(reg, drop=name))
         shutil.rmtree(self.expert_dir(name), ignore_errors=True)
         self._experts.pop(name, None)
+        return removed + [name]
 
     # ----- integrity ------------------------------------------------------------------------
     def verify(self) -> dict:
@@ -470,7 +475,10 @@ class Zoo:
         if not names or not all(isinstance(c, str) and c.strip() for c in names):
             raise ConfigError("zero-shot fallback needs non-empty class names: pass classes (--classes a,b,c)")
         bb = self.backbone
-        emb = bb.class_embeddings(names, DEFAULT_TEMPLATES)
+        key = tuple(names)
+        if key not in self._zero_shot_emb:  # the text tower runs once per class list, not per call
+            self._zero_shot_emb[key] = bb.class_embeddings(names, DEFAULT_TEMPLATES)
+        emb = self._zero_shot_emb[key]
         with torch.no_grad():
             probs = (bb.logit_scale * torch.nn.functional.normalize(feats.float(), dim=-1) @ emb.T).softmax(1)
         return names, probs
