@@ -49,7 +49,6 @@ class RouterBenchSettings:
     seed: int = 0
     exemplars: int = 0
     ood_quantile: float = DEFAULT_QUANTILE
-    top_k: int = 1
     threads: int = 1             # torch threads for the whole run (timings on a shared machine)
 
 
@@ -73,8 +72,7 @@ def sequence_bench(tasks: list[TaskData], holdout: TaskData | None, s: RouterBen
     steps, prev = [], {}
     for i, task in enumerate(tqdm(tasks, desc="router bench steps", disable=not progress)):
         zoo.add_task(task, train=TrainSettings(epochs=s.epochs, seed=s.seed), progress=False)
-        update = json.loads((zoo.root / next(f for f in zoo.registry["router"]["files"] if f.endswith(".json")))
-                            .read_text())["last_update"]
+        update = zoo.router().info  # what the incremental update just did (loaded from its file)
         stats = {n: zoo.stats(n) for n in zoo.names}
         routers = {"learned": zoo.router(), "nearest-stats": NearestStatsRouter(stats, s.ood_quantile)}
         t0 = time.perf_counter()
@@ -93,7 +91,7 @@ def sequence_bench(tasks: list[TaskData], holdout: TaskData | None, s: RouterBen
         row = {"step": i, "task": task.name, "experts": i + 1, "n_stream": len(y), "oracle_acc": _acc(oracle_ok),
                "router_update_seconds": update.get("update_seconds"), "cold_retrain_seconds": round(cold_seconds, 4)}
         for name, r in routers.items():
-            chosen = torch.tensor([zoo.names.index(r.names[int(k)]) for k in r.route(x, s.top_k).indices[:, 0]])
+            chosen = torch.tensor([zoo.names.index(r.names[int(k)]) for k in r.route(x).indices[:, 0]])
             routed_ok = chosen == true_task
             agnostic_ok = routed_ok & (label_by_expert[chosen, torch.arange(len(y))] == y)
             m = {"routing_acc": _acc(routed_ok), "task_agnostic_acc": _acc(agnostic_ok)}

@@ -63,6 +63,7 @@ import torch.nn.functional as F
 from safetensors.torch import load, load_file, save, save_file
 from torch import nn
 
+from router.gate import Routing
 from router.stats import TaskStats
 from zoo import __version__
 from zoo.errors import BackboneError, ConfigError, IntegrityError
@@ -206,10 +207,10 @@ def sample_pseudo(stats: Sequence[TaskStats], n_total: int, seed: int) -> tuple[
 
 
 def train_global_fusion(experts: Mapping[int, nn.Module], names: Sequence[str], stats: Sequence[TaskStats],
-                        route: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]], dim: int,
+                        route: Callable[[torch.Tensor], Routing], dim: int,
                         s: FusionSettings = FusionSettings()) -> tuple[GlobalFusion, dict]:
-    """Fit a :class:`GlobalFusion` on pseudo-features; ``route(x)`` gives the top-k candidates and
-    the router's weights, both ``(N, k)``.
+    """Fit a :class:`GlobalFusion` on pseudo-features; ``route(x)`` is the zoo's top-k
+    :class:`router.gate.Routing` of ``x``.
 
     Loss: ``-log p(true task, true class)`` of the mixture, on samples whose true task the router
     put in the top-k (others have no right answer to learn). Experts stay frozen.
@@ -219,7 +220,8 @@ def train_global_fusion(experts: Mapping[int, nn.Module], names: Sequence[str], 
             raise ConfigError(f"fusion mode trains on feature statistics, but expert {name!r} ({exp.kind}) "
                               "works inside the image encoder: use --mode top1 or avg")
     x, t, c = sample_pseudo(stats, s.n_pseudo, s.seed)
-    cand, r = route(x)
+    routing = route(x)
+    cand, r = routing.indices, routing.weights
     hit = cand == t[:, None]
     keep = hit.any(1)
     x, t, c, cand, slot = x[keep], t[keep], c[keep], cand[keep], hit[keep].float().argmax(1)

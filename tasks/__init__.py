@@ -3,7 +3,7 @@
 ``from tasks import run_benchmark, load_task``; heavy modules are imported on first use.
 """
 
-_LAZY = {"run_benchmark": "tasks.harness", "BenchSettings": "tasks.harness", "load_sequence": "tasks.harness",
+_LAZY = {"run_benchmark": "tasks.harness", "BenchSettings": "tasks.harness", "load_sequence": "tasks.sequence",
          "load_task": "tasks.data", "load_builtin": "tasks.data", "load_imagefolder": "tasks.data",
          "TaskData": "tasks.spec"}
 

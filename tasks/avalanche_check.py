@@ -24,7 +24,6 @@ from zoo.train import TrainSettings
 class AvalancheStrategy(NaiveSequential):
     """One of avalanche's strategies (``kind``: naive, ewc or lwf) training the shared adapter."""
 
-    uses_task_ids = False
 
     def __init__(self, kind: str, class_embs: list[torch.Tensor], logit_scale: float, train: TrainSettings,
                  ewc_lambda: float, lwf_alpha: float, temperature: float = 2.0):

@@ -59,7 +59,6 @@ class ZeroShot:
     """Frozen CLIP with prompts: no training at all."""
 
     name = "zero-shot"
-    uses_task_ids = False
     note = "frozen CLIP, class-name prompts"
 
     def __init__(self, class_embs: list[torch.Tensor], logit_scale: float):
@@ -131,7 +130,6 @@ class NaiveSequential:
     with a cross-entropy over every class seen so far (the classic forgetting baseline)."""
 
     name = "naive"
-    uses_task_ids = False
     note = "sequential fine-tuning of one shared adapter"
 
     def __init__(self, class_embs: list[torch.Tensor], logit_scale: float, train: TrainSettings):

@@ -2,9 +2,8 @@
 
 For every (order, seed) run the zoo is a real zoo directory grown with ``Zoo.add_task``; the
 baselines (:mod:`tasks.baselines`) run in the same run on the same cached frozen features with the
-same epochs, learning rate and seed. Lower-triangle entries (``j <= i``) are task-agnostic unless
-a method says ``uses_task_ids``: an answer counts only if it names the right task and the right
-class. Upper-triangle entries (``j > i``) give the task's class names (zero-shot transfer to a
+same epochs, learning rate and seed. Lower-triangle entries (``j <= i``) are task-agnostic but for
+the ``zoo-oracle`` row: an answer counts only if it names the right task and the right class. Upper-triangle entries (``j > i``) give the task's class names (zero-shot transfer to a
 task not learned yet). Finished steps are checkpointed (:mod:`tasks.resume`), so ``resume=True``
 continues a crashed run. The result's layout is documented in ``tasks/REPORT_SCHEMA.md``.
 """
@@ -26,9 +25,9 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 from tasks import baselines as B
-from tasks.metrics import mean_std, seen_accuracy_per_step, summary
+from tasks.metrics import METRIC_KEYS, mean_std, seen_accuracy_per_step, summary
 from tasks.resume import StepStore
-from tasks.sequence import load_sequence, task_orders
+from tasks.sequence import task_orders
 from tasks.spec import TaskData
 from tasks.synthetic import DOMAINS as REFERENCE_VOCAB
 from zoo.backbone import Backbone, BackboneSpec, load_backbone
@@ -37,14 +36,12 @@ from zoo.errors import ConfigError
 from zoo.train import TrainSettings
 from zoo.zoo import Zoo
 
-__all__ = ["BenchSettings", "default_methods", "load_sequence", "run_benchmark", "METHODS", "ZOO_ROWS"]
+__all__ = ["BenchSettings", "default_methods", "run_benchmark", "METHODS", "ZOO_ROWS"]
 
 SCHEMA_VERSION = 2
 ZOO_ROWS = ("zoo", "zoo-oracle")
 METHODS = ("zero-shot", "naive", "ewc", "lwf", "zscl", "joint")
 CROSS_CHECKS = ("avalanche-naive", "avalanche-ewc", "avalanche-lwf")
-METRIC_KEYS = ("avg", "last", "forgetting", "bwt", "transfer", "task_agnostic_acc", "oracle_acc",
-               "routing_accuracy", "trainable_params", "stored_params", "train_seconds", "infer_ms_per_image")
 
 
 def avalanche_available() -> bool:
@@ -159,7 +156,6 @@ def _evaluate_step(i: int, tasks: list[TaskData], feats: list, zoo: Zoo, methods
     rows = {n: [0.0] * T for n in ZOO_ROWS + tuple(m.name for m in methods)}
     pooled = {n: {"agnostic": 0, "given": 0, "n": 0} for n in rows}
     routed_n, fallback_n = 0, 0
-    fallback_seen = False
     seen = list(range(i + 1))
     for j in range(T):
         x, y = feats[j][2], feats[j][3]
@@ -173,8 +169,7 @@ def _evaluate_step(i: int, tasks: list[TaskData], feats: list, zoo: Zoo, methods
         routed = torch.tensor([p["task"] == tasks[j].name for p in preds])
         ok = routed & torch.tensor([p["label"] == t for p, t in zip(preds, truth)])
         oracle = torch.tensor([p["label"] == t for p, t in zip(zoo.predict_features(x, task=tasks[j].name), truth)])
-        fallback_seen |= any("fallback" in p for p in preds)
-        fallback_n += sum(bool(p.get("fallback", False)) for p in preds)
+        fallback_n += sum(p["fallback"] for p in preds)
         rows["zoo"][j], rows["zoo-oracle"][j] = _acc(ok), _acc(oracle)
         routed_n += int(routed.sum())
         for name, agn, giv in (("zoo", ok, oracle), ("zoo-oracle", oracle, oracle)):
@@ -182,18 +177,15 @@ def _evaluate_step(i: int, tasks: list[TaskData], feats: list, zoo: Zoo, methods
             pooled[name]["given"] += int(giv.sum())
             pooled[name]["n"] += len(y)
         for m in methods:
-            if m.uses_task_ids:
-                agn = m.given(x, j) == y
-            else:
-                bt, bc = m.agnostic(x, seen)
-                agn = (bt == j) & (bc == y)
+            bt, bc = m.agnostic(x, seen)
+            agn = (bt == j) & (bc == y)
             rows[m.name][j] = _acc(agn)
             pooled[m.name]["agnostic"] += int(agn.sum())
             pooled[m.name]["given"] += int((m.given(x, j) == y).sum())
             pooled[m.name]["n"] += len(y)
     n = pooled["zoo"]["n"]
     return {"rows": rows, "pooled": pooled, "routed": routed_n, "n_seen": n,
-            "fallback": fallback_n if fallback_seen else None}
+            "fallback": fallback_n}
 
 
 def _timed_ms(fn, n: int, repeat: int = 3) -> float:
@@ -214,11 +206,8 @@ def _ood(zoo: Zoo, held: tuple[str, torch.Tensor] | None, last: dict) -> dict:
     name, x = held
     preds = zoo.predict_features(x)
     routed_to = {n: round(sum(p["task"] == n for p in preds) / len(preds), 6) for n in zoo.names}
-    if last["fallback"] is None or not any("fallback" in p for p in preds):
-        return {"holdout": name, "n": len(preds), "available": False, "routed_to": routed_to,
-                "reason": "this zoo's predictions carry no 'fallback' flag (no OOD fallback in its router)"}
     return {"holdout": name, "n": len(preds), "available": True, "routed_to": routed_to,
-            "fallback_rate": round(sum(bool(p.get("fallback")) for p in preds) / len(preds), 6),
+            "fallback_rate": round(sum(p["fallback"] for p in preds) / len(preds), 6),
             "false_fallback_rate": round(last["fallback"] / max(1, last["n_seen"]), 6)}
 
 
@@ -273,7 +262,7 @@ def _run(rid: str, order: list[int], seed: int, all_tasks: list[TaskData], all_f
                   "task_agnostic_acc": None if n == "zoo-oracle" else round(p["agnostic"] / p["n"], 6),
                   "oracle_acc": round(p["given"] / p["n"], 6),
                   "routing_accuracy": round(last["routed"] / last["n_seen"], 6) if n == "zoo" else None,
-                  "uses_task_ids": n == "zoo-oracle" or bool(m and m.uses_task_ids),
+                  "uses_task_ids": n == "zoo-oracle",
                   "note": m.note if m else ("routed experts" if n == "zoo" else "upper bound: task id given"),
                   "cross_check": n in CROSS_CHECKS,
                   "trainable_params": costs[n][0], "stored_params": costs[n][1], "stored_images": costs[n][2],

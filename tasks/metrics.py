@@ -17,6 +17,11 @@ import numpy as np
 Matrix = Sequence[Sequence[float]]
 
 
+# every method entry's aggregated metrics, in report column order (accuracies first, then costs)
+METRIC_KEYS = ("avg", "last", "forgetting", "bwt", "transfer", "task_agnostic_acc", "oracle_acc",
+               "routing_accuracy", "trainable_params", "stored_params", "train_seconds", "infer_ms_per_image")
+
+
 def _m(R: Matrix) -> np.ndarray:
     a = np.asarray(R, dtype=float)
     if a.ndim != 2 or a.shape[0] != a.shape[1] or a.shape[0] == 0:

@@ -339,12 +339,12 @@ def sample(seed: int, index: int) -> Sample:
     return Sample(img, f"{prefix} {content}.".strip(), content)
 
 
-def dataset(seed: int, n: int, start: int = 0) -> tuple[np.ndarray, list[str], list[str]]:
-    """``n`` samples from ``start``: images ``(n, 32, 32, 3)`` uint8, captions and keys."""
+def dataset(seed: int, n: int) -> tuple[np.ndarray, list[str], list[str]]:
+    """The first ``n`` samples: images ``(n, 32, 32, 3)`` uint8, captions and keys."""
     images = np.empty((n, SIZE, SIZE, 3), np.uint8)
     captions, keys = [], []
     for i in range(n):
-        s = sample(seed, start + i)
+        s = sample(seed, i)
         images[i] = np.asarray(s.image.convert("RGB"))
         captions.append(s.caption)
         keys.append(s.key)

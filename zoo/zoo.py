@@ -387,20 +387,11 @@ class Zoo:
     # ----- integrity ------------------------------------------------------------------------
     def verify(self) -> dict:
         """Recompute every file's sha256 against the registry."""
-        problems = []
-        for name, rec in self.registry["experts"].items():
-            for fname, digest in rec["files"].items():
-                path = self.expert_dir(name) / fname
-                if not path.is_file():
-                    problems.append(f"{name}/{fname}: missing")
-                elif registry.sha256_file(path) != digest:
-                    problems.append(f"{name}/{fname}: sha256 mismatch")
-        for rel, digest in self.registry.get("router", {}).get("files", {}).items():
-            path = self.root / rel
-            if not path.is_file():
-                problems.append(f"{rel}: missing")
-            elif registry.sha256_file(path) != digest:
-                problems.append(f"{rel}: sha256 mismatch")
+        listed = [(f"{name}/{fname}", self.expert_dir(name) / fname, digest)
+                  for name, rec in self.registry["experts"].items() for fname, digest in rec["files"].items()]
+        listed += [(rel, self.root / rel, digest) for rel, digest in self.registry.get("router", {}).get("files", {}).items()]
+        problems = [f"{label}: missing" if not path.is_file() else f"{label}: sha256 mismatch"
+                    for label, path, digest in listed if not path.is_file() or registry.sha256_file(path) != digest]
         if not problems and self.registry.get("router", {}).get("files"):
             try:
                 self._load_router(self.registry["router"], self.names)
@@ -551,10 +542,10 @@ class Zoo:
     fusion_settings = FusionSettings()
     fusion_info: dict = {}  # how the last global fusion was obtained (trained: loss, samples; or cached)
 
-    def global_fusion(self, top_k: int, settings: FusionSettings | None = None) -> GlobalFusion:
+    def global_fusion(self, top_k: int) -> GlobalFusion:
         """The fusion layer over the routed top-k, trained on stored statistics the first time it is
         needed for this set of experts (then cached; the zoo directory is never written)."""
-        settings = settings or self.fusion_settings
+        settings = self.fusion_settings
         k = max(1, min(top_k, len(self.names)))
         key = fusion_key(self.registry["experts"], self.registry.get("router", {}), k, settings)
         if key not in self._fusions:
@@ -562,7 +553,7 @@ class Zoo:
             self._fusions[key], self.fusion_info = load_or_train_global(
                 (self.cache_root or default_root()) / "fusion", key, dim,
                 lambda: train_global_fusion({i: self.expert(n) for i, n in enumerate(names)}, names,
-                                            [self.stats(n) for n in names], lambda x: (lambda r: (r.indices, r.weights))(self.route(x, k)),
+                                            [self.stats(n) for n in names], lambda x: self.route(x, k),
                                             dim, settings))
         return self._fusions[key]
 
