@@ -64,7 +64,7 @@ from safetensors.torch import load, load_file, save, save_file
 from torch import nn
 
 from router.gate import Routing
-from router.stats import TaskStats
+from router.stats import TaskStats, pseudo_features
 from zoo import __version__
 from zoo.errors import BackboneError, ConfigError, IntegrityError
 from zoo.registry import atomic_write_bytes
@@ -198,9 +198,8 @@ def sample_pseudo(stats: Sequence[TaskStats], n_total: int, seed: int) -> tuple[
     xs, ts, cs = [], [], []
     for t, s in enumerate(stats):
         L = torch.linalg.cholesky(s.class_cov.double())
-        for c, mu in enumerate(s.class_means.double()):
-            eps = torch.randn(per, len(mu), generator=g, dtype=torch.float64)
-            xs.append(F.normalize(mu + eps @ L.T, dim=-1).float())
+        for c in range(len(s.class_means)):
+            xs.append(pseudo_features(s.class_means.double(), L, torch.full((per,), c), g).float())
             ts.append(torch.full((per,), t))
             cs.append(torch.full((per,), c))
     return torch.cat(xs), torch.cat(ts), torch.cat(cs)

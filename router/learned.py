@@ -39,7 +39,7 @@ from torch import nn
 
 from router.gate import Routing, top_k
 from router.ood import DEFAULT_QUANTILE, OODDetector
-from router.stats import TaskStats
+from router.stats import TaskStats, pseudo_features
 from zoo.errors import ConfigError, RegistryError
 
 KIND = "learned"
@@ -104,8 +104,7 @@ class TaskGaussians:
         real = self.exemplars[:n]
         m = n - len(real)
         cls = torch.multinomial(self.class_counts.clamp_min(1e-9), m, replacement=True, generator=gen)
-        z = torch.randn(m, self.chol.shape[0], generator=gen, dtype=torch.float64)
-        return torch.cat([real, F.normalize(self.class_means[cls] + z @ self.chol.T, dim=-1)])
+        return torch.cat([real, pseudo_features(self.class_means, self.chol, cls, gen)])
 
 
 class Gate(nn.Module):

@@ -22,6 +22,13 @@ from router.ood import class_gaussians, heldout_quantiles
 STATS_FILE = "stats.safetensors"
 
 
+
+def pseudo_features(means: torch.Tensor, chol: torch.Tensor, cls: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Unit-norm samples of the class Gaussians ``N(means[c], chol @ chol.T)`` for the classes
+    ``cls`` (float64): what routers and fusion train on instead of old tasks' images."""
+    z = torch.randn(len(cls), chol.shape[0], generator=gen, dtype=torch.float64)
+    return torch.nn.functional.normalize(means[cls] + z @ chol.T, dim=-1)
+
 @dataclass
 class TaskStats:
     mean: torch.Tensor          # (D,)
