@@ -120,10 +120,19 @@ class Backbone:
     @torch.no_grad()
     def class_embeddings(self, classes: list[str], templates: list[str]) -> torch.Tensor:
         """Zero-shot classifier ``(C, D)``: each class's prompts averaged, then unit-normed."""
-        names = [c.replace("_", " ") for c in classes]
-        emb = self.encode_text([t.format(c) for c in names for t in templates])
-        emb = emb.view(len(names), len(templates), -1).mean(1)
+        emb = self.encode_text(prompt_texts(classes, templates))
+        emb = emb.view(len(classes), len(templates), -1).mean(1)
         return F.normalize(emb, dim=-1)
+
+
+def class_name_text(name: str) -> str:
+    """A class folder name as prompt text: underscores read as spaces."""
+    return name.replace("_", " ")
+
+
+def prompt_texts(classes: list[str], templates: list[str]) -> list[str]:
+    """Every template filled with every class name, class-major: ``C * T`` prompts."""
+    return [t.format(class_name_text(c)) for c in classes for t in templates]
 
 
 @functools.lru_cache(maxsize=4)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +41,12 @@ class Hooks:
     def add(self, tower: str, block: int, site: str, fn: Hook) -> None:
         assert tower in TOWERS and site in SITES, (tower, site)
         self._hooks[(tower, block, site)].append(fn)
+
+    def add_keyed(self, modules: Mapping[str, Hook]) -> None:
+        """Add each module under its key ``"<tower>_<block>_<site>"`` (how adapters name them)."""
+        for key, fn in modules.items():
+            tower, block, site = key.split("_", 2)
+            self.add(tower, int(block), site, fn)
 
     def get(self, tower: str, block: int, site: str) -> list[Hook]:
         return self._hooks.get((tower, block, site), [])

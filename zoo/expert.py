@@ -23,7 +23,7 @@ from torch import nn
 
 from zoo import __version__
 from zoo.adapters import ADAPTERS, AdapterConfig, ExpertContext, parse_kinds
-from zoo.backbone import Backbone
+from zoo.backbone import Backbone, prompt_texts
 from zoo.encoders import Hooks, encode_image, encode_text
 from zoo.errors import BackboneError, ConfigError
 
@@ -81,8 +81,7 @@ class Expert(nn.Module):
                 m.add_hooks(self.hooks)
         self._prompt = next((i for i, m in enumerate(self.stack) if hasattr(m, "text_classifier")), None)
         if "text" in self.hooks.towers() and self._prompt is None:
-            names = [c.replace("_", " ") for c in self.classes]
-            toks = backbone.tokenizer([t.format(c) for c in names for t in self.templates])
+            toks = backbone.tokenizer(prompt_texts(self.classes, self.templates))
             self.register_buffer("template_tokens", toks, persistent=False)
         self._classifier_cache: torch.Tensor | None = None
 

@@ -72,6 +72,4 @@ class LoRA(nn.Module):
                     self.sites[f"{tower}_{i}_proj"] = LowRank(hidden, width, cfg)
 
     def add_hooks(self, hooks: Hooks) -> None:
-        for key, delta in self.sites.items():
-            tower, block, site = key.split("_", 2)
-            hooks.add(tower, int(block), site, delta)
+        hooks.add_keyed(self.sites)

@@ -16,6 +16,7 @@ from torch import nn
 
 from zoo.adapters import ExpertContext
 from zoo.adapters.prompt.config import PromptConfig, init_ids
+from zoo.backbone import class_name_text
 from zoo.encoders import Hooks, encode_text, text_tower
 from zoo.errors import ConfigError
 
@@ -28,8 +29,7 @@ class PromptLearner(nn.Module):
         self.cfg = cfg
         model, tok = ctx.backbone.model, ctx.backbone.tokenizer
         emb = text_tower(model).token_embedding
-        names = [c.replace("_", " ") for c in ctx.classes]
-        tokens = tok([" ".join(["X"] * cfg.n_ctx) + f" {n}." for n in names])
+        tokens = tok([" ".join(["X"] * cfg.n_ctx) + f" {class_name_text(n)}." for n in ctx.classes])
         x_id = init_ids(tok, "X")
         if len(x_id) != 1 or not bool((tokens[:, 1:1 + cfg.n_ctx] == x_id[0]).all()):
             raise ConfigError("prompt: this tokenizer does not map the placeholder 'X' to one token")
@@ -41,7 +41,7 @@ class PromptLearner(nn.Module):
             if ids:
                 ctx_vec[: len(ids)] = emb(torch.tensor(ids)).float()
         if cfg.class_specific:
-            ctx_vec = ctx_vec.unsqueeze(0).repeat(len(names), 1, 1)
+            ctx_vec = ctx_vec.unsqueeze(0).repeat(len(ctx.classes), 1, 1)
         self.ctx = nn.Parameter(ctx_vec)
         with torch.no_grad():
             self.register_buffer("initial", self._encode(lambda t, e: encode_text(model, t, Hooks(), e)))

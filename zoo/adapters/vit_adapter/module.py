@@ -46,6 +46,4 @@ class ViTAdapter(nn.Module):
                     self.adapters[f"{tower}_{i}_{site}"] = Bottleneck(width, cfg.bottleneck or max(1, width // 8))
 
     def add_hooks(self, hooks: Hooks) -> None:
-        for key, adapter in self.adapters.items():
-            tower, block, site = key.split("_", 2)
-            hooks.add(tower, int(block), site, adapter)
+        hooks.add_keyed(self.adapters)
