@@ -21,9 +21,18 @@ import numpy as np
 import torch
 from sklearn.covariance import LedoitWolf
 
+from zoo.errors import ConfigError
+
 QUANTILES = torch.linspace(0, 1, 101, dtype=torch.float64)
 DEFAULT_QUANTILE = 0.99
 
+
+
+def check_quantile(q: float) -> float:
+    """``q`` if it is a valid fallback quantile, else ConfigError."""
+    if not 0.0 < q < 1.0:
+        raise ConfigError(f"OOD quantile must be in (0, 1), got {q}")
+    return q
 
 def class_gaussians(x: np.ndarray, y: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     """Per-class means ``(C, D)`` (the overall mean for an empty class) and the pooled within-class
@@ -81,11 +90,7 @@ class OODDetector:
 
     @q.setter
     def q(self, q: float) -> None:
-        if not 0.0 < q < 1.0:
-            from zoo.errors import ConfigError
-
-            raise ConfigError(f"OOD quantile must be in (0, 1), got {q}")
-        self._q = q
+        self._q = check_quantile(q)
         self.threshold = self._solve_threshold(q) if self.chols else float("inf")
 
     def false_fallback_rate(self, tau: float) -> float:

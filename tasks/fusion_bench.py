@@ -26,7 +26,7 @@ from router.fusion import BASE, FusionExpert
 from tasks.harness import machine_info
 from tasks.spec import Split, TaskData
 from zoo.train import TrainSettings, fit
-from zoo.zoo import Zoo
+from zoo.zoo import Zoo, accuracy
 
 MODES = ("top1", "avg", "fusion")
 
@@ -87,7 +87,7 @@ def _no_source_ablation(zoo: Zoo, td: TaskData, x_test: torch.Tensor, s: FusionB
                        bb.fingerprint, include_base=True, seed=s.seed)
     fit(exp, (zoo.features(td.train.images, progress=False),), torch.tensor(td.train.labels), s.train(), progress=False)
     with torch.no_grad():
-        return round(float((exp(x_test).argmax(1) == torch.tensor(td.test.labels)).float().mean()), 6)
+        return round(accuracy(exp(x_test).argmax(1), torch.tensor(td.test.labels)), 6)
 
 
 def run_fusion_bench(tasks: list[TaskData], new_task: TaskData, s: FusionBenchSettings = FusionBenchSettings(),

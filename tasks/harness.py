@@ -31,7 +31,7 @@ from tasks.sequence import task_orders
 from tasks.spec import TaskData
 from tasks.synthetic import DOMAINS as REFERENCE_VOCAB
 from zoo.backbone import Backbone, BackboneSpec, load_backbone
-from zoo.cache import FeatureCache, encode_cached
+from zoo.cache import backbone_features
 from zoo.errors import ConfigError
 from zoo.train import TrainSettings
 from zoo.zoo import Zoo
@@ -287,11 +287,8 @@ def _run(rid: str, order: list[int], seed: int, all_tasks: list[TaskData], all_f
 
 
 def _encode(tasks: list[TaskData], bb: Backbone, cache_root: Path | None, progress: bool) -> list:
-    cache = FeatureCache([bb.fingerprint, bb.preprocess_id], cache_root)
-
     def enc(images, desc):
-        with tqdm(total=len(images), desc=desc, disable=not progress, leave=False) as bar:
-            return encode_cached(images, bb.preprocess, bb.encode_images, cache, progress=bar.update)
+        return backbone_features(bb, images, cache_root, desc, progress)
 
     return [(enc(t.train.images, f"encode {t.name}/train"), torch.tensor(t.train.labels),
              enc(t.test.images, f"encode {t.name}/test"), torch.tensor(t.test.labels)) for t in tasks]

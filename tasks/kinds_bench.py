@@ -29,10 +29,11 @@ import torch
 
 from tasks.data import TaskData, load_task, open_image
 from tasks.harness import machine_info
-from zoo.backbone import BackboneSpec, load_backbone
 from zoo.adapters import parse_kinds
+from zoo.backbone import BackboneSpec, load_backbone
 from zoo.expert import build_expert
 from zoo.train import TrainSettings, fit, train_defaults
+from zoo.zoo import accuracy
 
 METHODS = ["clip-adapter", "cross-modal", "prompt", "lora", "vit-adapter", "vl-adapter",
            "lora+prompt", "vit-adapter+clip-adapter"]
@@ -74,7 +75,7 @@ def run_domain(bb, task: TaskData, methods: list[str], s: TrainSettings, fixed: 
     def frozen() -> torch.Tensor:
         return zero_shot(bb.encode_images(px_lat))
 
-    acc = (_batched(zero_shot, x_te).argmax(1) == y_te).float().mean().item()
+    acc = accuracy(_batched(zero_shot, x_te).argmax(1), y_te)
     t_path, t_frozen = _latency(frozen, frozen, repeats)
     rows = [{"domain": task.name, "method": "zero-shot", "test_acc": acc, "trainable_params": 0,
              "trainable_share": 0.0, "epochs": 0, "lr": 0.0, "train_seconds": 0.0, "ms_per_image": 1000 * t_path / len(px_lat),
@@ -87,7 +88,7 @@ def run_domain(bb, task: TaskData, methods: list[str], s: TrainSettings, fixed: 
         s = replace(s, **{**train_defaults(kind), **fixed})
         hist = fit(exp, inputs, y_tr, s, progress=False, criterion=exp.criterion)
         exp.eval()
-        acc = (_batched(exp, x_te, px_te).argmax(1) == y_te).float().mean().item()
+        acc = accuracy(_batched(exp, x_te, px_te).argmax(1), y_te)
         t_path, t_frozen = _latency(lambda: exp(bb.encode_images(px_lat), px_lat), frozen, repeats)
         n = exp.trainable_params()
         rows.append({"domain": task.name, "method": kind, "test_acc": acc, "trainable_params": n,

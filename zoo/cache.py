@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save
+from tqdm import tqdm
 
 from tasks.data import open_image
 from tasks.spec import ImageSource
@@ -111,3 +112,12 @@ def encode_cached(
     if progress and len(todo) < len(keys):
         progress(len(keys) - len(todo))
     return torch.stack([found[k] if k in found else new[k] for k in keys]) if keys else torch.empty(0)
+
+
+def backbone_features(bb, images: Sequence, cache_root: Path | None = None, desc: str = "encode",
+                      progress: bool = True) -> torch.Tensor:
+    """Frozen image embeddings of ``bb`` (a :class:`zoo.backbone.Backbone`), each image encoded once
+    per (fingerprint, preprocessing) through the feature cache under ``cache_root``."""
+    cache = FeatureCache([bb.fingerprint, bb.preprocess_id], cache_root)
+    with tqdm(total=len(images), desc=desc, disable=not progress or len(images) < 64, leave=False) as bar:
+        return encode_cached(images, bb.preprocess, bb.encode_images, cache, progress=bar.update)

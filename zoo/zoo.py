@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-from tqdm import tqdm
 
 from router.fusion import KIND as FUSION_KIND
 from router.fusion import (MODES, FusionExpert, FusionSettings, GlobalFusion, average_predict, fusion_key,
@@ -24,13 +23,13 @@ from router.fusion import (MODES, FusionExpert, FusionSettings, GlobalFusion, av
 from router.gate import NearestStatsRouter, Routing
 from router.learned import KIND as LEARNED_ROUTER
 from router.learned import RouterConfig, SparseRouter
-from router.ood import DEFAULT_QUANTILE
+from router.ood import DEFAULT_QUANTILE, check_quantile
 from router.stats import TaskStats, compute_stats
 from tasks.data import load_task
 from tasks.spec import DEFAULT_TEMPLATES, ImageSource, TaskData, check_name
 from zoo import __version__, registry
 from zoo.backbone import Backbone, BackboneSpec, load_backbone
-from zoo.cache import FeatureCache, default_root, encode_cached
+from zoo.cache import backbone_features, default_root
 from zoo.errors import BackboneError, ConfigError, RegistryError
 from zoo.expert import Expert, build_expert, load_expert
 from zoo.train import Criterion, TrainSettings, cross_entropy, fit
@@ -108,15 +107,9 @@ class Zoo:
             self._backbone = bb
         return self._backbone
 
-    def feature_cache(self) -> FeatureCache:
-        bb = self.backbone
-        return FeatureCache([bb.fingerprint, bb.preprocess_id], self.cache_root)
-
     def features(self, images: Sequence[ImageSource], desc: str = "encode", progress: bool = True) -> torch.Tensor:
         """Frozen image embeddings, each image encoded once per backbone (feature cache)."""
-        bb = self.backbone
-        with tqdm(total=len(images), desc=desc, disable=not progress or len(images) < 64, leave=False) as bar:
-            return encode_cached(images, bb.preprocess, bb.encode_images, self.feature_cache(), progress=bar.update)
+        return backbone_features(self.backbone, images, self.cache_root, desc, progress)
 
     def pixels(self, images: Sequence[ImageSource]) -> torch.Tensor:
         """Preprocessed pixels ``(N, 3, H, W)`` for experts that work inside the encoder."""
@@ -240,8 +233,8 @@ class Zoo:
         ``registry["router"]``."""
         if kind not in (None, NearestStatsRouter.name, LEARNED_ROUTER):
             raise ConfigError(f"unknown router kind {kind!r}: choose {NearestStatsRouter.name!r} or {LEARNED_ROUTER!r}")
-        if ood_quantile is not None and not 0.0 < ood_quantile < 1.0:
-            raise ConfigError(f"OOD quantile must be in (0, 1), got {ood_quantile}")
+        if ood_quantile is not None:
+            check_quantile(ood_quantile)
         with registry.lock(self.root):
             reg = registry.read(self.root)
             old_files = set(reg.get("router", {}).get("files", {}))
