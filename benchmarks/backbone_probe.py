@@ -10,7 +10,7 @@ the default prompt templates (``tasks.spec.DEFAULT_TEMPLATES``) on each domain's
 
 Usage (pairs of --config/--weights, given in the same order)::
 
-    python -m benchmarks.backbone_probe --data-dir ../shared/data \\
+    python -m clipzoo.bench.backbone_probe --data-dir ../shared/data \\
         --config zoo/assets/clipzoo-tiny.json --weights zoo/assets/clipzoo-tiny.safetensors \\
         --config cand.json --weights cand.safetensors
 """
@@ -31,9 +31,9 @@ from open_clip.transform import PreprocessCfg, image_transform_v2
 from sklearn.covariance import LedoitWolf
 from sklearn.linear_model import LogisticRegression
 
-from tasks import synthetic
-from tasks.data import load_builtin, load_imagefolder, open_image
-from tasks.spec import DEFAULT_TEMPLATES
+from clipzoo.tasks import synthetic
+from clipzoo.tasks.data import load_builtin, load_imagefolder, open_image
+from clipzoo.tasks.spec import DEFAULT_TEMPLATES
 
 REAL_DOMAINS = ["mnist", "fashion_mnist", "cifar10", "gtsrb", "flowers", "dtd", "rsscn7", "skin_lesion"]
 

@@ -1,7 +1,7 @@
 """AdapterFusion for the zoo (Pfeiffer et al., 2021): combine experts per input.
 
 The layer. For a frozen image feature ``f`` and the adapted features ``h_e`` of a set of experts
-(each expert's image side, in the joint space, :meth:`zoo.expert.Expert.adapted_features`)::
+(each expert's adapted image feature, in the joint space)::
 
     q = Wq f,   k_e = Wk h_e,   v_e = Wv h_e,   a = softmax_e(q . k_e / sqrt(D)),
     z = normalize(sum_e a_e v_e)
@@ -14,15 +14,8 @@ are trained here.
 
 Two uses:
 
-* **Composed expert for a new task** (``add-task --kind fusion --from A,B``, :class:`FusionExpert`):
-  the candidates are the fixed source experts plus, by default, the frozen feature itself
-  (``include_base``: the identity "expert", like AdapterFusion's residual, so a source that does
-  not fit the new domain can be ignored). ``logits = scale * z @ normalize(head)^T`` with ``head``
-  initialised from the new task's class-name text embeddings. It is trained on the new task's own
-  data, costs the fusion layer (3 D x D) plus the head, and is saved like any expert
-  (``config.json``, ``weights.safetensors`` holding only its own tensors, ``stats.safetensors`` so
-  the router can route to it). Its config records the sources and their weights' sha256; loading
-  refuses a source whose weights changed.
+* **Composed expert for a new task** (``add-task --kind fusion --from A,B``): the layer inside
+  :class:`clipzoo.zoo.experts.fusion.FusionExpert`, trained on the new task's own data.
 
 * **Task-agnostic prediction over the routed top-k** (``mode='fusion'``, :class:`GlobalFusion`).
   The experts have disjoint class spaces, so the answer is a (task, class) pair scored as a
@@ -31,9 +24,8 @@ Two uses:
   posterior and the fused feature is read by each candidate's own classifier. Here the attention
   logits also get the router's log-weight with a learned scale, ``q . k_e / sqrt(D) + beta log r_e``
   ("router top-k plus fusion"): without it the attention, trained on pseudo-features only, chose
-  the task less often than the router itself did (0.78 vs 0.82 on mnist/fashion/cifar10/gtsrb with
-  the tiny CLIP); with it, fusion starts from the router's belief and learns how far to trust it
-  against the experts' features (beta settled near 0.3 there). The comparison
+  the task less often than the router itself did; with it, fusion starts from the router's belief
+  and learns how far to trust it against the experts' features. The comparison
   modes use the same union: ``'avg'`` gives each of the top-k weight ``1/k`` and scores each
   expert's own adapted feature (uniform averaging of the experts' output distributions),
   ``'top1'`` answers with the router's first choice only.
@@ -41,40 +33,30 @@ Two uses:
   The global layer never needs old raw images and keeps ``add-task`` flat: it is trained lazily,
   the first time fusion mode is used on a given set of experts, on a fixed budget of
   *pseudo-features* drawn from each expert's stored class statistics (``class_means`` +
-  ``class_cov`` of :mod:`router.stats`, unit-normalised like real features), routed by the
+  ``class_cov`` of :mod:`clipzoo.router.stats`, unit-normalised like real features), routed by the
   zoo's router so the candidate sets look like those at test time. Cost: a fixed budget of
   samples and optimiser steps whatever the number of tasks (only routing the samples and reading
   the experts grow with it); ``add-task`` itself does no fusion work.
-  Being a deterministic function of (expert files, k, settings, seed), it is a cache, stored as
-  ``<cache root>/fusion/<key>.safetensors``, never inside the zoo directory.
+  Being a deterministic function of (expert files, k, settings, seed), it is cached outside the
+  zoo directory by :mod:`clipzoo.zoo.predict`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load, load_file, save, save_file
 from torch import nn
 
-from router.gate import Routing
-from router.stats import TaskStats, pseudo_features
-from zoo import __version__
-from zoo.errors import BackboneError, ConfigError, IntegrityError
-from zoo.registry import atomic_write_bytes
+from clipzoo.errors import ConfigError
+from clipzoo.router.gate import Routing
+from clipzoo.router.stats import TaskStats, pseudo_features
 
 MODES = ("top1", "avg", "fusion")
-KIND = "fusion"
-BASE = "<frozen>"  # name of the identity candidate in a composed expert's fusion weights
-FORMAT_VERSION = 3  # of the global fusion's cache files: bump when GlobalFusion's tensors change
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "weights.safetensors"
+FORMAT_VERSION = 3  # of the global fusion's tensors: bump when GlobalFusion's parameters change
 
 PixelFn = Callable[[list[int]], torch.Tensor]
 
@@ -138,7 +120,7 @@ def slot_best(experts: Mapping[int, nn.Module], cand: torch.Tensor, Z: torch.Ten
 
 
 # ----- the global fusion over the routed top-k ------------------------------------------------
-@dataclass
+@dataclass(frozen=True)
 class FusionSettings:
     n_pseudo: int = 4096
     epochs: int = 40
@@ -154,8 +136,7 @@ class GlobalFusion(nn.Module):
         super().__init__()
         self.fusion = AdapterFusion(dim, seed)
         # The value projection stays the identity here: trained on pseudo-features it moved real
-        # features away from what each expert's classifier expects (task-agnostic accuracy on
-        # mnist/fashion/cifar10/gtsrb: 0.444 with it learned, 0.463 frozen; top-1 0.47).
+        # features away from what each expert's classifier expects (lower task-agnostic accuracy).
         self.fusion.value.weight.requires_grad_(False)
         self.prior_scale = nn.Parameter(torch.ones(()))
 
@@ -209,7 +190,7 @@ def train_global_fusion(experts: Mapping[int, nn.Module], names: Sequence[str], 
                         route: Callable[[torch.Tensor], Routing], dim: int,
                         s: FusionSettings = FusionSettings()) -> tuple[GlobalFusion, dict]:
     """Fit a :class:`GlobalFusion` on pseudo-features; ``route(x)`` is the zoo's top-k
-    :class:`router.gate.Routing` of ``x``.
+    :class:`clipzoo.router.gate.Routing` of ``x``.
 
     Loss: ``-log p(true task, true class)`` of the mixture, on samples whose true task the router
     put in the top-k (others have no right answer to learn). Experts stay frozen.
@@ -259,117 +240,3 @@ def _padded_classifiers(experts: Sequence[nn.Module]) -> tuple[torch.Tensor, tor
     for e, w in enumerate(ws):
         W[e, :len(w)], valid[e, :len(w)] = w, True
     return W, valid
-
-
-def fusion_key(records: dict[str, dict], router: dict, top_k: int, s: FusionSettings) -> str:
-    """Identifies a global fusion: every expert's weights hash, the router, ``k`` and the settings."""
-    blob = json.dumps({"experts": sorted((n, r["sha256"]) for n, r in records.items()), "router": router, "k": top_k,
-                       "settings": asdict(s), "version": FORMAT_VERSION}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:32]
-
-
-def load_or_train_global(cache_dir: Path, key: str, dim: int, train: Callable[[], tuple[GlobalFusion, dict]]
-                         ) -> tuple[GlobalFusion, dict]:
-    """The cached global fusion for ``key``, or a new one trained and written atomically."""
-    path = cache_dir / f"{key}.safetensors"
-    if path.is_file():
-        model = GlobalFusion(dim)
-        try:
-            model.load_state_dict(load(path.read_bytes()), strict=True)
-            return model.eval(), {"cached": True}
-        except (RuntimeError, ValueError, OSError):  # a damaged cache file: train it again
-            pass
-    model, info = train()
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    atomic_write_bytes(path, save(state, metadata={"info": json.dumps(info)}))
-    return model, {**info, "cached": False}
-
-
-# ----- a composed expert for a new task ---------------------------------------------------------
-class FusionExpert(nn.Module):
-    """A new task served by fusing existing experts (the sources stay frozen and are not saved here)."""
-
-    kind = KIND
-
-    def __init__(self, sources: dict[str, nn.Module], classes: list[str], templates: list[str],
-                 class_emb: torch.Tensor, logit_scale: float, fingerprint: str, include_base: bool = True,
-                 source_sha256: dict[str, str] | None = None, seed: int = 0):
-        super().__init__()
-        if not sources and not include_base:
-            raise ConfigError("a fusion expert needs at least one source expert (--from A,B)")
-        self._sources = dict(sources)  # a plain dict: not submodules, so never trained nor saved here
-        self.source_sha256 = dict(source_sha256 or {})
-        self.classes = list(classes)
-        self.templates = list(templates)
-        self.logit_scale = logit_scale
-        self.fingerprint = fingerprint
-        self.include_base = include_base
-        self.register_buffer("class_emb", class_emb.detach().clone().float())
-        self.fusion = AdapterFusion(class_emb.shape[1], seed)
-        self.head = nn.Parameter(class_emb.detach().clone().float())
-
-    @property
-    def sources(self) -> list[str]:
-        return list(self._sources)
-
-    @property
-    def candidates(self) -> list[str]:
-        return self.sources + ([BASE] if self.include_base else [])
-
-    @property
-    def needs_pixels(self) -> bool:
-        return any(s.needs_pixels for s in self._sources.values())
-
-    def fuse(self, feats: torch.Tensor, pixels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Fused feature ``(B, D)`` and fusion weights ``(B, K)`` over :attr:`candidates`."""
-        with torch.no_grad():
-            hs = [s.adapted_features(feats, pixels if s.needs_pixels else None) for s in self._sources.values()]
-        hs += [feats] if self.include_base else []
-        return self.fusion(feats, torch.stack(hs, dim=1))
-
-    def adapted_features(self, feats: torch.Tensor, pixels: torch.Tensor | None = None) -> torch.Tensor:
-        return self.fuse(feats, pixels)[0]
-
-    def class_weights(self) -> torch.Tensor:
-        return F.normalize(self.head, dim=-1)
-
-    def forward(self, feats: torch.Tensor, pixels: torch.Tensor | None = None) -> torch.Tensor:
-        return self.logit_scale * self.adapted_features(feats, pixels) @ self.class_weights().T
-
-    def fusion_weights(self, feats: torch.Tensor, pixels: torch.Tensor | None = None) -> list[dict[str, float]]:
-        with torch.no_grad():
-            a = self.fuse(feats, pixels)[1]
-        return [{n: round(float(w), 6) for n, w in zip(self.candidates, row)} for row in a]
-
-    def trainable_params(self) -> int:
-        return sum(p.numel() for p in self.parameters() if p.requires_grad)
-
-    def save(self, folder: Path) -> list[str]:
-        folder.mkdir(parents=True, exist_ok=True)
-        cfg = {"clipzoo_version": __version__, "kind": KIND, "sources": self.sources,
-               "source_sha256": self.source_sha256, "include_base": self.include_base, "classes": self.classes,
-               "templates": self.templates, "logit_scale": self.logit_scale, "backbone_fingerprint": self.fingerprint}
-        (folder / CONFIG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
-        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
-        save_file(state, str(folder / WEIGHTS_FILE), metadata={"format": "pt", "kind": KIND})
-        return [CONFIG_FILE, WEIGHTS_FILE]
-
-
-def load_fusion_expert(folder: Path, fingerprint: str, source: Callable[[str], nn.Module],
-                       source_sha256: Callable[[str], str]) -> FusionExpert:
-    """Load a :class:`FusionExpert`; ``source(name)`` gives a loaded source expert and
-    ``source_sha256(name)`` its current weights hash (a changed source is refused)."""
-    cfg = json.loads((folder / CONFIG_FILE).read_text())
-    if cfg["backbone_fingerprint"] != fingerprint:
-        raise BackboneError(f"fusion expert in {folder.name} was trained on backbone {cfg['backbone_fingerprint'][:12]}, "
-                            f"not on the loaded {fingerprint[:12]}")
-    for name, digest in cfg["source_sha256"].items():
-        if source_sha256(name) != digest:
-            raise IntegrityError(f"fusion expert {folder.name}: source expert {name!r} changed since it was "
-                                 "composed; re-add the fusion expert")
-    state = load_file(str(folder / WEIGHTS_FILE))
-    exp = FusionExpert({n: source(n) for n in cfg["sources"]}, cfg["classes"], cfg["templates"], state["class_emb"],
-                       cfg["logit_scale"], cfg["backbone_fingerprint"], cfg["include_base"], cfg["source_sha256"])
-    exp.load_state_dict(state, strict=True)
-    return exp.eval()

@@ -2,9 +2,9 @@
 
 Every router maps frozen image features ``(B, D)`` to scores ``(B, E)`` over the zoo's experts;
 :func:`top_k` turns scores into sparse weights. Every router also carries the calibrated OOD
-detector of :mod:`router.ood`: an input whose ``ood_score`` exceeds 0 belongs to no known task and
+detector of :mod:`clipzoo.router.ood`: an input whose ``ood_score`` exceeds 0 belongs to no known task and
 is marked ``fallback`` (the zoo answers it with zero-shot CLIP). Policies: :class:`NearestStatsRouter`
-(here) and the learned :class:`router.learned.SparseRouter`.
+(here) and the learned :class:`clipzoo.router.learned.SparseRouter`.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from router.ood import DEFAULT_QUANTILE, OODDetector, detector_from_stats
-from router.stats import TaskStats
+from clipzoo.router.ood import DEFAULT_QUANTILE, OODDetector, detector_from_stats
+from clipzoo.router.stats import TaskStats
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """The learned sparse router: a small gate on frozen CLIP image features, grown one task at a time.
 
-No old images are needed. Each task keeps (in :class:`router.stats.TaskStats`) its class means,
+No old images are needed. Each task keeps (in :class:`clipzoo.router.stats.TaskStats`) its class means,
 class counts and pooled within-class shrunk covariance; the router copies what it needs (class
 means, counts, the covariance's Cholesky factor, the OOD calibration) into its own file, so
 routing and updating read one file whatever the number of experts.
@@ -10,15 +10,15 @@ The gate's logit for task ``t`` is ``MLP(x)_t``, or with ``prior=True`` ``log p_
 correction). Training samples pseudo-features from every task's class Gaussians
 ``N(mu_c, Sigma_t)`` (projected onto the unit sphere, like real CLIP features) and fits the MLP by
 cross-entropy over tasks, plus an optional Switch-style load-balancing term. The prior is off by
-default: on real domains the correction, trained on samples of the very Gaussians the prior
-scores, learns nothing the prior lacks and the sum routes worse than either part (5 real domains,
-clipzoo-tiny: MLP alone 0.921-0.924, likelihood alone 0.916, both 0.901-0.903). Adding a task appends one output row and fine-tunes
+default: the correction, trained on samples of the very Gaussians the prior scores, learns
+nothing the prior lacks, and the sum routed worse than either part (the README's router section
+has the figures). Adding a task appends one output row and fine-tunes
 from the previous gate on a pool of fixed size (``pool`` samples shared by all tasks, ``steps``
 optimiser steps), so the update cost stays flat as experts are added. Optional real-feature
 exemplars per task (``exemplars``, off by default) replace that many of the task's pseudo-features.
 
 Routing: top-k of the gate's softmax; the "none" outcome is the calibrated OOD score of
-:mod:`router.ood` (``ood_score > 0`` -> zero-shot fallback).
+:mod:`clipzoo.router.ood` (``ood_score > 0`` -> zero-shot fallback).
 """
 
 from __future__ import annotations
@@ -37,10 +37,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from router.gate import Routing, top_k
-from router.ood import DEFAULT_QUANTILE, OODDetector
-from router.stats import TaskStats, pseudo_features
-from zoo.errors import ConfigError, RegistryError
+from clipzoo.router.gate import Routing, top_k
+from clipzoo.router.ood import DEFAULT_QUANTILE, OODDetector
+from clipzoo.router.stats import TaskStats, pseudo_features
+from clipzoo.errors import ConfigError, RegistryError
 
 KIND = "learned"
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from sklearn.covariance import LedoitWolf
 
-from zoo.errors import ConfigError
+from clipzoo.errors import ConfigError
 
 QUANTILES = torch.linspace(0, 1, 101, dtype=torch.float64)
 DEFAULT_QUANTILE = 0.99
@@ -130,6 +130,6 @@ class OODDetector:
 
 
 def detector_from_stats(stats: list, q: float = DEFAULT_QUANTILE) -> OODDetector:
-    """An :class:`OODDetector` from :class:`router.stats.TaskStats` objects, in expert order."""
+    """An :class:`OODDetector` from :class:`clipzoo.router.stats.TaskStats` objects, in expert order."""
     return OODDetector([s.class_means for s in stats], [torch.linalg.cholesky(s.class_cov) for s in stats],
                        [s.ood_quantiles for s in stats], q)

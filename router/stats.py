@@ -3,7 +3,7 @@
 For each task: the task mean and a Ledoit-Wolf shrunk covariance of its training features,
 plus per-class means and counts and the pooled within-class shrunk covariance (what a router
 needs to sample pseudo-features of old tasks later), and the quantiles of held-out
-in-distribution OOD scores that calibrate the fallback (:mod:`router.ood`). Stored as
+in-distribution OOD scores that calibrate the fallback (:mod:`clipzoo.router.ood`). Stored as
 ``stats.safetensors``.
 """
 
@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from sklearn.covariance import LedoitWolf
 
-from router.ood import class_gaussians, heldout_quantiles
+from clipzoo.router.ood import class_gaussians, heldout_quantiles
 
 STATS_FILE = "stats.safetensors"
 
@@ -47,7 +47,7 @@ class TaskStats:
         tensors = load_file(str(folder / STATS_FILE))
         missing = sorted({f.name for f in fields(cls)} - set(tensors))
         if missing:
-            from zoo.errors import RegistryError
+            from clipzoo.errors import RegistryError
 
             raise RegistryError(f"{folder / STATS_FILE} lacks {', '.join(missing)} (written by an older clipzoo): "
                                 "remove the task and add it again")

@@ -6,9 +6,9 @@ from pathlib import Path
 
 from PIL import Image
 
-from tasks import synthetic
-from tasks.spec import Split, TaskData, check_name
-from zoo.errors import DataError
+from clipzoo.tasks import synthetic
+from clipzoo.tasks.spec import Split, TaskData, check_name
+from clipzoo.errors import DataError
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm", ".tif", ".tiff"}
 BUILTIN_PREFIX = "builtin:"

@@ -22,6 +22,11 @@ METRIC_KEYS = ("avg", "last", "forgetting", "bwt", "transfer", "task_agnostic_ac
                "routing_accuracy", "trainable_params", "stored_params", "train_seconds", "infer_ms_per_image")
 
 
+def accuracy(pred, true) -> float:
+    """Share of positions where ``pred`` equals ``true`` (two equal-length tensors); 0.0 when empty."""
+    return float((pred == true).float().mean()) if len(true) else 0.0
+
+
 def _m(R: Matrix) -> np.ndarray:
     a = np.asarray(R, dtype=float)
     if a.ndim != 2 or a.shape[0] != a.shape[1] or a.shape[0] == 0:

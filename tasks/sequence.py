@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks.data import builtin_domains, load_builtin, load_imagefolder, load_task
-from tasks.spec import TaskData
-from zoo.errors import ConfigError, DataError
+from clipzoo.tasks.data import builtin_domains, load_builtin, load_imagefolder, load_task
+from clipzoo.tasks.spec import TaskData
+from clipzoo.errors import ConfigError, DataError
 
 
 def expand_domains(paths: list[str]) -> list[Path]:

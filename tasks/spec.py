@@ -45,7 +45,7 @@ class TaskData:
 
 def check_name(name: str) -> str:
     """Return ``name`` if it is a valid task name, else raise ConfigError."""
-    from zoo.errors import ConfigError
+    from clipzoo.errors import ConfigError
 
     if not NAME_RE.match(name or ""):
         raise ConfigError(

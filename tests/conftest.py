@@ -39,21 +39,21 @@ def data_root(request) -> Path:
 @pytest.fixture(scope="session")
 def builtin_tasks():
     """Small versions of the built-in synthetic domains (fast)."""
-    from tasks.data import builtin_domains, load_builtin
+    from clipzoo.tasks.data import builtin_domains, load_builtin
 
     return {d: load_builtin(d, n_train=24, n_test=8) for d in builtin_domains()}
 
 
 @pytest.fixture
 def fast_train():
-    from zoo.train import TrainSettings
+    from clipzoo.zoo.train import TrainSettings
 
     return TrainSettings(epochs=5, batch_size=32)
 
 
 @pytest.fixture
 def empty_zoo(tmp_path):
-    from zoo.zoo import Zoo
+    from clipzoo.zoo.zoo import Zoo
 
     return Zoo.create(tmp_path / "zoo")
 

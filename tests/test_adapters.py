@@ -13,14 +13,14 @@ import torch
 from click.testing import CliRunner
 
 from conftest import snapshot
-from tasks.data import load_builtin, write_imagefolder
-from zoo.adapters import ADAPTERS, AdapterConfig
-from zoo.backbone import Backbone, BackboneSpec, fingerprint, load_backbone
-from zoo.cli import main
-from zoo.errors import ConfigError
-from zoo.expert import build_expert, load_expert, parse_settings
-from zoo.train import TrainSettings, fit, param_groups, train_defaults
-from zoo.zoo import Zoo
+from clipzoo.tasks.data import load_builtin, write_imagefolder
+from clipzoo.zoo.adapters import ADAPTERS, AdapterConfig
+from clipzoo.zoo.backbone import Backbone, BackboneSpec, fingerprint, load_backbone
+from clipzoo.cli import main
+from clipzoo.errors import ConfigError
+from clipzoo.zoo.experts import build_expert, load_expert, parse_settings
+from clipzoo.zoo.train import TrainSettings, fit, param_groups, train_defaults
+from clipzoo.zoo.zoo import Zoo
 
 # (stack, settings): each kind alone with defaults, non-default variants, and stacks.
 TABLE = [
@@ -97,7 +97,7 @@ def test_training_moves_every_module_and_nothing_else(kind, settings, bb, shapes
     task, (x, px, y), _ = shapes
     exp = _fresh(kind, settings, bb, task)
     inputs = (x, px) if exp.needs_pixels else (x,)
-    fit(exp, inputs, y, TRAIN, progress=False, criterion=exp.criterion)
+    fit(exp, inputs, y, TRAIN, criterion=exp.criterion)
     with torch.no_grad():
         assert (exp(x, px) - exp.zero_shot(x)).abs().max() > 1e-3
     # a module silently bypassed in the forward pass would get no gradient at all
@@ -118,7 +118,7 @@ def test_training_moves_every_module_and_nothing_else(kind, settings, bb, shapes
 def shared_zoo(tmp_path_factory, small):
     """One zoo for the table: a clip-adapter 'colours' expert first, then one expert per row."""
     z = Zoo.create(tmp_path_factory.mktemp("table") / "zoo")
-    z.add_task(small["colours"], train=TRAIN, progress=False)
+    z.add_task(small["colours"], train=TRAIN)
     return z, snapshot(z.expert_dir("colours"))
 
 
@@ -127,7 +127,7 @@ def test_zoo_round_trip_and_other_experts_untouched(row, shared_zoo, small, shap
     kind, settings = TABLE[row]
     z, colours = shared_zoo
     name = f"shapes-{row}"
-    rec = z.add_task(small["shapes"], name=name, kind=kind, settings=settings, train=TRAIN, progress=False)
+    rec = z.add_task(small["shapes"], name=name, kind=kind, settings=settings, train=TRAIN)
     assert snapshot(z.expert_dir("colours")) == colours and z.verify()["ok"]
     assert rec["kind"] == kind and rec["trainable_params"] == z.expert(name).trainable_params()
     task, _, (x, px, _) = shapes
@@ -159,7 +159,7 @@ BAD = [
 
 @pytest.mark.parametrize("kind,settings,message", BAD, ids=[b[2] for b in BAD])
 def test_bad_settings_fail_before_training(kind, settings, message, empty_zoo, small, monkeypatch):
-    import zoo.zoo as zoo_mod
+    import clipzoo.zoo.learn as zoo_mod
 
     def no_training(*a, **k):
         raise AssertionError("training started despite bad settings")
@@ -167,7 +167,7 @@ def test_bad_settings_fail_before_training(kind, settings, message, empty_zoo, s
     monkeypatch.setattr(zoo_mod, "fit", no_training)
     before = snapshot(empty_zoo.root)
     with pytest.raises(ConfigError, match=message):
-        empty_zoo.add_task(small["shapes"], kind=kind, settings=settings, progress=False)
+        empty_zoo.add_task(small["shapes"], kind=kind, settings=settings)
     assert snapshot(empty_zoo.root) == before
 
 
@@ -226,7 +226,7 @@ def test_ensemble_mixes_zero_shot_logits(bb, shapes):
     task, (x, px, y), _ = shapes
     plain = _fresh("cross-modal", {}, bb, task)
     mixed = _fresh("cross-modal", {"expert": {"ensemble": 0.25}}, bb, task)
-    fit(plain, (x,), y, TRAIN, progress=False)
+    fit(plain, (x,), y, TRAIN)
     mixed.load_state_dict(plain.state_dict())
     with torch.no_grad():
         expected = 0.75 * plain(x) + 0.25 * plain.zero_shot(x)
@@ -238,7 +238,7 @@ def test_kl_term_keeps_the_adapted_distribution_near_zero_shot(bb, shapes):
 
     def kl_after(weight):
         exp = _fresh("clip-adapter", {"expert": {"kl_weight": weight}}, bb, task)
-        fit(exp, (x,), y, TrainSettings(epochs=10, batch_size=32), progress=False, criterion=exp.criterion)
+        fit(exp, (x,), y, TrainSettings(epochs=10, batch_size=32), criterion=exp.criterion)
         with torch.no_grad():
             p, q = exp.zero_shot(x).log_softmax(1), exp(x).log_softmax(1)
             return torch.nn.functional.kl_div(q, p, log_target=True, reduction="batchmean").item()

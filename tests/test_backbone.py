@@ -11,8 +11,8 @@ from safetensors.torch import load_file, save_file
 
 import pytest
 
-from zoo.backbone import EMBEDDED_WEIGHTS, BackboneSpec, load_backbone, resolve
-from zoo.errors import BackboneError
+from clipzoo.zoo.backbone import EMBEDDED_WEIGHTS, BackboneSpec, load_backbone, resolve
+from clipzoo.errors import BackboneError
 
 from conftest import REPO
 
@@ -66,8 +66,8 @@ def test_unreachable_pretrained_is_an_error_not_random_weights(tmp_path):
     """
     assert resolve(BackboneSpec("ViT-B-32", "laion2b_s34b_b79k")) == ("ViT-B-32", "laion2b_s34b_b79k")
     code = (
-        "from zoo.backbone import BackboneSpec, load_backbone\n"
-        "from zoo.errors import BackboneError\n"
+        "from clipzoo.zoo.backbone import BackboneSpec, load_backbone\n"
+        "from clipzoo.errors import BackboneError\n"
         "for spec in (BackboneSpec('ViT-B-32', 'laion2b_s34b_b79k'),\n"
         "             BackboneSpec('hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K', None)):\n"
         "    try:\n"

@@ -7,7 +7,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from zoo.cli import main
+from clipzoo.cli import main
 
 
 @pytest.fixture
@@ -25,7 +25,7 @@ def run():
 
 @pytest.fixture
 def cli_zoo(tmp_path, run, builtin_tasks):
-    from tasks.data import write_imagefolder
+    from clipzoo.tasks.data import write_imagefolder
 
     zoo = tmp_path / "zoo"
     run("init", "--zoo", zoo)

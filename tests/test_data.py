@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
-from tasks.data import builtin_domains, load_builtin, load_imagefolder, load_task, open_image, write_imagefolder
-from zoo.errors import ConfigError, DataError
+from clipzoo.tasks.data import builtin_domains, load_builtin, load_imagefolder, load_task, open_image, write_imagefolder
+from clipzoo.errors import ConfigError, DataError
 
 
 def _folder(root, classes=("cat", "dog"), n=2):

@@ -6,7 +6,7 @@ import json
 
 from click.testing import CliRunner
 
-from zoo.cli import main
+from clipzoo.cli import main
 
 
 def test_demo_writes_report_and_zoo_forgets_less_than_naive(tmp_path):

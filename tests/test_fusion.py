@@ -11,16 +11,17 @@ import torch
 from click.testing import CliRunner
 
 from conftest import snapshot
-from router.fusion import BASE, AdapterFusion, FusionExpert, FusionSettings
-from tasks.data import write_imagefolder
-from tasks.fusion_bench import few_shot
-from tasks.spec import Split
-from zoo import registry
-from zoo.cache import default_root
-from zoo.cli import main
-from zoo.errors import ConfigError, IntegrityError, RegistryError
-from zoo.train import TrainSettings
-from zoo.zoo import Zoo
+from clipzoo.router.fusion import AdapterFusion, FusionSettings
+from clipzoo.zoo.experts.fusion import BASE, FusionExpert
+from clipzoo.tasks.data import write_imagefolder
+from clipzoo.bench.fusion import few_shot
+from clipzoo.tasks.spec import Split
+from clipzoo.zoo import registry
+from clipzoo.runtime import cache_root
+from clipzoo.cli import main
+from clipzoo.errors import ConfigError, IntegrityError, RegistryError
+from clipzoo.zoo.train import TrainSettings
+from clipzoo.zoo.zoo import Zoo
 
 SMALL = FusionSettings(n_pseudo=600, epochs=15, batch_size=200)
 FAST = TrainSettings(epochs=4, batch_size=32)
@@ -31,8 +32,8 @@ def base_zoo(tmp_path_factory, builtin_tasks):
     """shapes, colours, textures experts and 'digits' composed from shapes + colours."""
     z = Zoo.create(tmp_path_factory.mktemp("fz") / "zoo")
     for d in ("shapes", "colours", "textures"):
-        z.add_task(builtin_tasks[d], train=FAST, progress=False)
-    z.add_task(builtin_tasks["digits"], kind="fusion", sources=["shapes", "colours"], train=FAST, progress=False)
+        z.add_task(builtin_tasks[d], train=FAST)
+    z.add_task(builtin_tasks["digits"], kind="fusion", sources=["shapes", "colours"], train=FAST)
     return z
 
 
@@ -58,7 +59,7 @@ def test_fusion_layer_weights_are_a_distribution_and_values_start_as_identity():
 
 
 def test_adapted_features_and_class_weights_reproduce_forward(base_zoo, builtin_tasks):
-    x = base_zoo.features(builtin_tasks["shapes"].test.images, progress=False)
+    x = base_zoo.features(builtin_tasks["shapes"].test.images)
     for name in ("shapes", "digits"):
         exp = base_zoo.expert(name)
         with torch.no_grad():
@@ -70,7 +71,7 @@ def test_compose_records_sources_and_never_touches_them(zoo_copy, builtin_tasks)
     z = zoo_copy
     before = {n: snapshot(z.expert_dir(n)) for n in ("shapes", "colours", "textures")}
     rec = z.add_task(builtin_tasks["digits"], name="digits2", kind="fusion", sources=["textures", "shapes"],
-                     train=FAST, progress=False)
+                     train=FAST)
     assert {n: snapshot(z.expert_dir(n)) for n in before} == before
     assert rec["kind"] == "fusion" and rec["sources"] == ["textures", "shapes"]
     assert set(rec["files"]) == {"config.json", "weights.safetensors", "stats.safetensors"}
@@ -87,17 +88,17 @@ def test_compose_records_sources_and_never_touches_them(zoo_copy, builtin_tasks)
 
 def test_compose_refuses_bad_requests(zoo_copy, builtin_tasks):
     with pytest.raises(RegistryError, match="nope"):
-        zoo_copy.add_task(builtin_tasks["digits"], name="d3", kind="fusion", sources=["nope"], train=FAST, progress=False)
+        zoo_copy.add_task(builtin_tasks["digits"], name="d3", kind="fusion", sources=["nope"], train=FAST)
     with pytest.raises(ConfigError, match="--kind fusion"):
-        zoo_copy.add_task(builtin_tasks["digits"], name="d3", sources=["shapes"], train=FAST, progress=False)
+        zoo_copy.add_task(builtin_tasks["digits"], name="d3", sources=["shapes"], train=FAST)
     with pytest.raises(ConfigError, match="include_base"):
         zoo_copy.add_task(builtin_tasks["digits"], name="d3", kind="fusion", settings={"fusion": {"rank": 2}},
-                          train=FAST, progress=False)
+                          train=FAST)
     assert "d3" not in Zoo.open(zoo_copy.root).names
 
 
 def test_composed_expert_round_trip_gives_identical_outputs(base_zoo, builtin_tasks):
-    x = base_zoo.features(builtin_tasks["digits"].test.images, progress=False)
+    x = base_zoo.features(builtin_tasks["digits"].test.images)
     before = base_zoo.expert("digits")
     again = Zoo.open(base_zoo.root).expert("digits")
     assert again is not before
@@ -129,7 +130,7 @@ def test_removing_a_source_is_refused_or_cascades(zoo_copy):
 def _fusion_preds(z, tasks, k=2):
     """Fusion-mode answers per task, the task-agnostic accuracy and the mean weight on the true
     task where the router offered it."""
-    preds = {t.name: z.predict_features(z.features(t.test.images, progress=False), top_k=k, mode="fusion")
+    preds = {t.name: z.predict_features(z.features(t.test.images), top_k=k, mode="fusion")
              for t in tasks}
     ok = [p["task"] == t.name and p["label"] == t.classes[y] for t in tasks for p, y in zip(preds[t.name], t.test.labels)]
     on_true = [p["fusion"][t.name] for t in tasks for p in preds[t.name] if t.name in p["fusion"]]
@@ -137,7 +138,7 @@ def _fusion_preds(z, tasks, k=2):
 
 
 def test_three_modes_answer_in_the_same_format(zoo_copy, builtin_tasks):
-    x = zoo_copy.features(builtin_tasks["textures"].test.images, progress=False)
+    x = zoo_copy.features(builtin_tasks["textures"].test.images)
     outs = {m: zoo_copy.predict_features(x, top_k=2, mode=m) for m in ("top1", "avg", "fusion")}
     for m, preds in outs.items():
         for p in preds:
@@ -157,7 +158,7 @@ def test_three_modes_answer_in_the_same_format(zoo_copy, builtin_tasks):
 
 
 def test_avg_mode_is_the_uniform_mixture_of_the_top_k(zoo_copy, builtin_tasks):
-    x = zoo_copy.features(builtin_tasks["shapes"].test.images[:6], progress=False)
+    x = zoo_copy.features(builtin_tasks["shapes"].test.images[:6])
     r = zoo_copy.route(x, 2)
     preds = zoo_copy.predict_features(x, top_k=2, mode="avg")
     for b, p in enumerate(preds):
@@ -174,14 +175,14 @@ def test_global_fusion_learns_from_stats_is_cached_and_never_writes_the_zoo(zoo_
     tasks = [builtin_tasks[d] for d in ("shapes", "colours", "textures")]
     preds, acc, on_true = _fusion_preds(z, tasks)
     assert snapshot(z.root) == before
-    assert list((z.cache_root or default_root()).joinpath("fusion").glob("*.safetensors"))
+    assert list(cache_root().joinpath("fusion").glob("*.safetensors"))
     assert z.fusion_info["cached"] is False and z.fusion_info["n_used"] > 0
     assert on_true > 0.5  # weight on the true task, where the router offered it, beats uniform 1/k
     again = Zoo.open(z.root)
     again.fusion_settings = SMALL
     assert _fusion_preds(again, tasks)[0] == preds and again.fusion_info["cached"] is True
-    z.add_task(builtin_tasks["digits"], train=FAST, progress=False)  # new expert: a new fusion is trained
-    z.predict_features(z.features(tasks[0].test.images[:4], progress=False), top_k=2, mode="fusion")
+    z.add_task(builtin_tasks["digits"], train=FAST)  # new expert: a new fusion is trained
+    z.predict_features(z.features(tasks[0].test.images[:4]), top_k=2, mode="fusion")
     assert z.fusion_info["cached"] is False
 
 
@@ -223,7 +224,7 @@ def test_few_shot_draws_k_per_class_deterministically(builtin_tasks):
 
 
 def test_report_tables_and_plot(tmp_path):
-    from tasks.fusion_bench import markdown_tables, write_fusion_report
+    from clipzoo.bench.fusion import markdown_tables, write_fusion_report
 
     names = ["a", "b"]
     mode = {"accuracy": 0.5, "task_accuracy": 0.75, "per_task": {"a": 0.4, "b": 0.6}, "task_ids": "routed",
@@ -245,10 +246,10 @@ def test_report_tables_and_plot(tmp_path):
 def test_composed_attention_prefers_the_source_trained_on_the_same_domain(zoo_copy, builtin_tasks):
     t = builtin_tasks["shapes"]
     longer = TrainSettings(epochs=20, batch_size=32, lr=1e-2)
-    zoo_copy.add_task(t, name="shapes-long", train=longer, progress=False)
+    zoo_copy.add_task(t, name="shapes-long", train=longer)
     zoo_copy.add_task(t, name="shapes2", kind="fusion", sources=["colours", "shapes-long", "textures"],
-                      settings={"fusion": {"include_base": False}}, train=longer, progress=False)
-    w = zoo_copy.expert("shapes2").fusion_weights(zoo_copy.features(t.test.images, progress=False))
+                      settings={"fusion": {"include_base": False}}, train=longer)
+    w = zoo_copy.expert("shapes2").fusion_weights(zoo_copy.features(t.test.images))
     mean = {n: sum(x[n] for x in w) / len(w) for n in w[0]}
     assert BASE not in mean and mean["shapes-long"] > max(mean["colours"], mean["textures"]) + 0.05, mean
 
@@ -256,8 +257,7 @@ def test_composed_attention_prefers_the_source_trained_on_the_same_domain(zoo_co
 def test_cascade_removes_a_diamond_of_fusion_experts_once(zoo_copy, builtin_tasks):
     """y composes shapes and digits, digits composes shapes: removing shapes removes both, once."""
     z = zoo_copy
-    z.add_task(builtin_tasks["textures"], name="y", kind="fusion", sources=["shapes", "digits"], train=FAST,
-               progress=False)
+    z.add_task(builtin_tasks["textures"], name="y", kind="fusion", sources=["shapes", "digits"], train=FAST)
     removed = z.remove("shapes", cascade=True)
     assert sorted(removed[:-1]) == ["digits", "y"] and removed[-1] == "shapes"
     assert z.names == ["colours", "textures"] and z.verify()["ok"]

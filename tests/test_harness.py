@@ -8,12 +8,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from tasks import baselines
-from tasks.data import load_builtin, write_imagefolder
-from tasks.harness import METHODS, BenchSettings, run_benchmark
-from tasks.sequence import expand_domains, load_sequence, split_holdout, task_orders
-from zoo.cli import main
-from zoo.errors import ConfigError
+from clipzoo.bench import baselines
+from clipzoo.tasks.data import load_builtin, write_imagefolder
+from clipzoo.bench.harness import METHODS, BenchSettings, run_benchmark
+from clipzoo.tasks.sequence import expand_domains, load_sequence, split_holdout, task_orders
+from clipzoo.cli import main
+from clipzoo.errors import ConfigError
 
 FAST = dict(epochs=2, batch_size=32)
 KEYS = {"avg", "last", "forgetting", "bwt", "transfer", "task_agnostic_acc", "oracle_acc", "routing_accuracy"}
@@ -27,7 +27,7 @@ def seq():
 @pytest.fixture(scope="module")
 def report(seq, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    return out, run_benchmark(seq, BenchSettings(**FAST), out=out, progress=False)
+    return out, run_benchmark(seq, BenchSettings(**FAST), out=out)
 
 
 def test_report_layout_and_files(seq, report):
@@ -71,7 +71,7 @@ def test_state_restore_round_trip(seq):
     embs = [torch.nn.functional.normalize(torch.randn(len(t.classes), 8), dim=-1) for t in seq]
     data = [(torch.nn.functional.normalize(torch.randn(20, 8), dim=-1), torch.randint(0, len(t.classes), (20,)))
             for t in seq[:2]]
-    from zoo.train import TrainSettings
+    from clipzoo.zoo.train import TrainSettings
 
     for cls in (baselines.NaiveSequential, baselines.EWC, baselines.LwF, baselines.Joint):
         a, b = cls(embs, 10.0, TrainSettings(epochs=2)), cls(embs, 10.0, TrainSettings(epochs=2))
@@ -97,21 +97,21 @@ def test_resume_after_a_crash_reuses_finished_steps(seq, report, tmp_path, monke
 
     monkeypatch.setattr(baselines.Joint, "learn", crash)
     with pytest.raises(RuntimeError, match="simulated"):
-        run_benchmark(seq, BenchSettings(**FAST), out=out, progress=False)
+        run_benchmark(seq, BenchSettings(**FAST), out=out)
     assert (out / "zoo" / "experts" / seq[2].name).is_dir()  # trained by the crashed step
     monkeypatch.setattr(baselines.Joint, "learn", real)
-    res = run_benchmark(seq, BenchSettings(**FAST), out=out, progress=False, resume=True)
+    res = run_benchmark(seq, BenchSettings(**FAST), out=out, resume=True)
     assert res["runs"][0]["resumed_from_step"] == 2
     clean = report[1]
     assert res["acc_matrix"] == clean["acc_matrix"]
     for name in clean["baselines"]:
         assert res["baselines"][name]["acc_matrix"] == clean["baselines"][name]["acc_matrix"], name
     with pytest.raises(ConfigError, match="cannot resume"):
-        run_benchmark(seq, BenchSettings(epochs=3, batch_size=32), out=out, progress=False, resume=True)
+        run_benchmark(seq, BenchSettings(epochs=3, batch_size=32), out=out, resume=True)
 
 
 def test_orders_and_seeds_aggregate(seq):
-    res = run_benchmark(seq[:2], BenchSettings(epochs=1, orders=2, seeds=2, methods=["naive"]), progress=False)
+    res = run_benchmark(seq[:2], BenchSettings(epochs=1, orders=2, seeds=2, methods=["naive"]))
     assert [(r["order"], r["seed"]) for r in res["runs"]] == [
         (["shapes", "colours"], 0), (["shapes", "colours"], 1), (["colours", "shapes"], 0), (["colours", "shapes"], 1)]
     agg = res["aggregate"]["naive"]["forgetting"]
@@ -151,11 +151,10 @@ def test_sequence_folder_holdout_and_cli(tmp_path):
 
 def test_avalanche_cross_check_rows(seq):
     pytest.importorskip("avalanche")
-    from tasks.avalanche_check import AvalancheStrategy
-    from zoo.train import TrainSettings
+    from clipzoo.bench.avalanche_check import AvalancheStrategy
+    from clipzoo.zoo.train import TrainSettings
 
-    res = run_benchmark(seq[:2], BenchSettings(epochs=1, methods=["naive", "avalanche-naive", "avalanche-ewc"]),
-                        progress=False)
+    res = run_benchmark(seq[:2], BenchSettings(epochs=1, methods=["naive", "avalanche-naive", "avalanche-ewc"]))
     for n in ("avalanche-naive", "avalanche-ewc"):
         assert res["baselines"][n]["cross_check"] and len(res["baselines"][n]["acc_matrix"]) == 2
     assert res["baselines"]["avalanche-ewc"]["stored_params"] > res["baselines"]["avalanche-naive"]["stored_params"]

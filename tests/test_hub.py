@@ -12,11 +12,11 @@ from huggingface_hub import ModelCard
 
 from conftest import snapshot
 from hub_server import HubServer
-from zoo import hub, registry
-from zoo.cli import main
-from zoo.errors import BackboneError, HubError, IntegrityError
-from zoo.train import TrainSettings
-from zoo.zoo import Zoo
+from clipzoo.zoo import hub, registry
+from clipzoo.cli import main
+from clipzoo.errors import BackboneError, HubError, IntegrityError
+from clipzoo.zoo.train import TrainSettings
+from clipzoo.zoo.zoo import Zoo
 
 TOKEN = "hf_test_0123456789abcdef"
 REPO = "me/zoo"
@@ -40,9 +40,9 @@ def built(tmp_path_factory, builtin_tasks):
     root = tmp_path_factory.mktemp("built")
     zoo = Zoo.create(root / "zoo")
     for name in ("shapes", "colours"):
-        zoo.add_task(builtin_tasks[name], train=fast, progress=False)
+        zoo.add_task(builtin_tasks[name], train=fast)
     other = Zoo.create(root / "other")
-    other.add_task(builtin_tasks["shapes"], train=TrainSettings(epochs=5, batch_size=32, seed=1), progress=False)
+    other.add_task(builtin_tasks["shapes"], train=TrainSettings(epochs=5, batch_size=32, seed=1))
     return {"zoo": zoo.root, "other": other.root}
 
 
@@ -88,7 +88,7 @@ def test_a_card_that_is_not_text_is_dropped_not_installed(server, built, tmp_pat
 
 
 def test_learned_router_travels_with_a_clone_and_is_refreshed_on_merge(server, built, builtin_tasks, tmp_path):
-    from router.learned import RouterConfig
+    from clipzoo.router.learned import RouterConfig
 
     tiny = RouterConfig(hidden=8, pool=64, min_per_task=8, steps=5, cold_steps=10, batch_size=32)
     src = Zoo.open(copy(built["zoo"], tmp_path / "src"))

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from tasks.metrics import (avg_accuracy, backward_transfer, forgetting, last_accuracy, mean_std,
+from clipzoo.tasks.metrics import (avg_accuracy, backward_transfer, forgetting, last_accuracy, mean_std,
                            seen_accuracy_per_step, summary, transfer)
 
 # R[i][j]: accuracy on task j after step i

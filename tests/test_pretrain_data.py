@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from tasks import synthetic
-from tasks.data import load_builtin
-from zoo.pretrain import _shift, contrastive_loss
-from zoo.pretrain_data import dataset, sample
+from clipzoo.tasks import synthetic
+from clipzoo.tasks.data import load_builtin
+from clipzoo.bench.pretrain_tiny import _shift, contrastive_loss
+from clipzoo.bench.pretrain_data import dataset, sample
 
 
 def test_samples_are_deterministic_and_seed_dependent():

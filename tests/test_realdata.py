@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.data import load_imagefolder
-from tasks.harness import BenchSettings, run_benchmark
-from zoo.zoo import Zoo
+from clipzoo.tasks.data import load_imagefolder
+from clipzoo.bench.harness import BenchSettings, run_benchmark
+from clipzoo.zoo.zoo import Zoo
 
 pytestmark = pytest.mark.realdata
 DOMAINS = ["mnist", "cifar10", "rsscn7"]
@@ -14,7 +14,7 @@ DOMAINS = ["mnist", "cifar10", "rsscn7"]
 
 def test_three_real_domains_end_to_end(data_root, tmp_path):
     seq = [load_imagefolder(data_root / d) for d in DOMAINS]
-    res = run_benchmark(seq, BenchSettings(epochs=10), out=tmp_path / "bench", progress=False)
+    res = run_benchmark(seq, BenchSettings(epochs=10), out=tmp_path / "bench")
     zoo = Zoo.open(tmp_path / "bench" / "zoo")
     assert zoo.names == DOMAINS and zoo.verify()["ok"]
     m = res["metrics"]
@@ -27,14 +27,14 @@ def test_three_real_domains_end_to_end(data_root, tmp_path):
 
 def test_first_expert_unchanged_and_verify_catches_a_byte(data_root, tmp_path):
     z = Zoo.create(tmp_path / "zoo")
-    from zoo.train import TrainSettings
+    from clipzoo.zoo.train import TrainSettings
 
     fast = TrainSettings(epochs=3)
-    z.add_task(data_root / DOMAINS[0], train=fast, progress=False)
+    z.add_task(data_root / DOMAINS[0], train=fast)
     first = {f: (z.expert_dir(DOMAINS[0]) / f).read_bytes() for f in z.record(DOMAINS[0])["files"]}
     sha = z.record(DOMAINS[0])["sha256"]
     for d in DOMAINS[1:]:
-        z.add_task(data_root / d, train=fast, progress=False)
+        z.add_task(data_root / d, train=fast)
     z = Zoo.open(z.root)
     assert z.record(DOMAINS[0])["sha256"] == sha
     assert {f: (z.expert_dir(DOMAINS[0]) / f).read_bytes() for f in first} == first

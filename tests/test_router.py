@@ -10,17 +10,17 @@ import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
 
-from router.bench import _synthetic_stats, sequence_bench, RouterBenchSettings
-from router.gate import NearestStatsRouter
-from router.learned import RouterConfig, SparseRouter, balance_loss
-from router.ood import QUANTILES, detector_from_stats
-from router.stats import TaskStats, compute_stats
+from clipzoo.bench.router import _synthetic_stats, sequence_bench, RouterBenchSettings
+from clipzoo.router.gate import NearestStatsRouter
+from clipzoo.router.learned import RouterConfig, SparseRouter, balance_loss
+from clipzoo.router.ood import QUANTILES, detector_from_stats
+from clipzoo.router.stats import TaskStats, compute_stats
 from conftest import snapshot
-from zoo import registry
-from zoo.errors import ConfigError, RegistryError
-from zoo.train import TrainSettings
-from zoo.zoo import Zoo
-from zoo.cli import main
+from clipzoo.zoo import registry
+from clipzoo.errors import ConfigError, RegistryError
+from clipzoo.zoo.train import TrainSettings
+from clipzoo.zoo.zoo import Zoo
+from clipzoo.cli import main
 
 DIM = 64
 
@@ -153,7 +153,7 @@ def learned_zoo(tmp_path_factory, builtin_tasks):
     z = Zoo.create(tmp_path_factory.mktemp("zoo") / "zoo")
     z.refresh_router(kind="learned")
     for name in ("shapes", "colours"):
-        z.add_task(builtin_tasks[name], train=TrainSettings(epochs=2, batch_size=32), progress=False)
+        z.add_task(builtin_tasks[name], train=TrainSettings(epochs=2, batch_size=32))
     return z
 
 
@@ -174,7 +174,7 @@ def test_zoo_keeps_a_versioned_verified_router_file(learned_zoo):
 def test_adding_a_task_leaves_old_experts_untouched(learned_zoo, builtin_tasks, tmp_path):
     z = _copy(learned_zoo, tmp_path)
     before = snapshot(z.root / "experts")
-    z.add_task(builtin_tasks["textures"], train=TrainSettings(epochs=1, batch_size=32), progress=False)
+    z.add_task(builtin_tasks["textures"], train=TrainSettings(epochs=1, batch_size=32))
     after = snapshot(z.root / "experts")
     assert {k: v for k, v in after.items() if not k.startswith("textures/")} == before
     assert z.registry["router"]["version"] == 4 and z.verify()["ok"]
@@ -191,7 +191,7 @@ def test_a_failed_add_leaves_the_zoo_exactly_as_it_was(learned_zoo, builtin_task
 
     monkeypatch.setattr(*(registry, "write", boom) if where == "registry" else (SparseRouter, "add", boom))
     with pytest.raises(OSError):
-        z.add_task(builtin_tasks["textures"], train=TrainSettings(epochs=1, batch_size=32), progress=False)
+        z.add_task(builtin_tasks["textures"], train=TrainSettings(epochs=1, batch_size=32))
     assert snapshot(z.root) == before
     assert Zoo.open(z.root).verify()["ok"]
 
@@ -219,7 +219,7 @@ def test_remove_and_refresh_update_the_router(learned_zoo, tmp_path):
 
 
 def test_predictions_carry_fallback_and_zero_shot_answers(learned_zoo, builtin_tasks):
-    x = learned_zoo.features(builtin_tasks["shapes"].test.images[:8], progress=False)
+    x = learned_zoo.features(builtin_tasks["shapes"].test.images[:8])
     far = -F.normalize(x.mean(0, keepdim=True), dim=1)    # the opposite direction: no known task
     preds = learned_zoo.predict_features(torch.cat([x, far]), top_k=2)
     assert all({"task", "label", "score", "routing", "fallback", "ood_score"} <= set(p) for p in preds)
@@ -238,7 +238,7 @@ def test_predictions_carry_fallback_and_zero_shot_answers(learned_zoo, builtin_t
 
 
 def test_cli_predict_json_has_fallback_and_routing(learned_zoo, builtin_tasks, tmp_path):
-    from zoo.cli import main
+    from clipzoo.cli import main
 
     img = tmp_path / "x.png"
     builtin_tasks["colours"].test.images[0].save(img)
@@ -251,10 +251,10 @@ def test_cli_predict_json_has_fallback_and_routing(learned_zoo, builtin_tasks, t
 
 
 def test_bench_router_sequence_and_scale(builtin_tasks, tmp_path):
-    from zoo.cli import main
+    from clipzoo.cli import main
 
     res = sequence_bench([builtin_tasks["shapes"], builtin_tasks["colours"]], builtin_tasks["textures"],
-                         RouterBenchSettings(epochs=1), tmp_path / "zoo", progress=False)
+                         RouterBenchSettings(epochs=1), tmp_path / "zoo")
     last = res["per_step"][-1]
     assert {"learned", "nearest-stats", "learned-cold"} <= set(last) and last["experts"] == 2
     assert 0 <= last["learned"]["task_agnostic_acc"] <= last["learned"]["routing_acc"] <= 1

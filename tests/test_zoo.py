@@ -9,27 +9,27 @@ import pytest
 import torch
 
 from conftest import snapshot
-from tasks.data import load_builtin
-from zoo import registry
-from zoo.errors import BackboneError, DataError, RegistryError
-from zoo.train import TrainSettings
-from zoo.zoo import Zoo
+from clipzoo.tasks.data import load_builtin
+from clipzoo.zoo import registry
+from clipzoo.errors import BackboneError, DataError, RegistryError
+from clipzoo.zoo.train import TrainSettings
+from clipzoo.zoo.zoo import Zoo
 
 
 def test_add_tasks_keeps_old_experts_byte_identical(empty_zoo, builtin_tasks, fast_train):
     z = empty_zoo
-    z.add_task(builtin_tasks["shapes"], train=fast_train, progress=False)
+    z.add_task(builtin_tasks["shapes"], train=fast_train)
     first = snapshot(z.expert_dir("shapes"))
     sha = z.record("shapes")["sha256"]
     for d in ("colours", "textures"):
-        z.add_task(builtin_tasks[d], train=fast_train, progress=False)
+        z.add_task(builtin_tasks[d], train=fast_train)
     assert snapshot(z.expert_dir("shapes")) == first
     assert Zoo.open(z.root).record("shapes")["sha256"] == sha
     assert z.verify()["ok"]
 
 
 def test_records_carry_the_registry_schema(empty_zoo, builtin_tasks, fast_train):
-    rec = empty_zoo.add_task(builtin_tasks["digits"], train=fast_train, progress=False)
+    rec = empty_zoo.add_task(builtin_tasks["digits"], train=fast_train)
     assert set(registry.EXPERT_KEYS) <= set(rec)
     assert rec["kind"] == "clip-adapter" and rec["classes"][0] == "zero"
     assert 0 < rec["trainable_share"] < 0.05
@@ -39,7 +39,7 @@ def test_records_carry_the_registry_schema(empty_zoo, builtin_tasks, fast_train)
 
 
 def test_verify_detects_a_flipped_byte(empty_zoo, builtin_tasks, fast_train):
-    empty_zoo.add_task(builtin_tasks["shapes"], train=fast_train, progress=False)
+    empty_zoo.add_task(builtin_tasks["shapes"], train=fast_train)
     w = empty_zoo.expert_dir("shapes") / "weights.safetensors"
     data = bytearray(w.read_bytes())
     data[-1] ^= 1
@@ -50,19 +50,19 @@ def test_verify_detects_a_flipped_byte(empty_zoo, builtin_tasks, fast_train):
 
 def test_failed_add_task_leaves_zoo_unchanged(empty_zoo, builtin_tasks, fast_train, monkeypatch, tmp_path):
     z = empty_zoo
-    z.add_task(builtin_tasks["shapes"], train=fast_train, progress=False)
+    z.add_task(builtin_tasks["shapes"], train=fast_train)
     before = snapshot(z.root)
     with pytest.raises(RegistryError, match="already exists"):
-        z.add_task(builtin_tasks["shapes"], train=fast_train, progress=False)
+        z.add_task(builtin_tasks["shapes"], train=fast_train)
     with pytest.raises(DataError):
-        z.add_task(tmp_path / "missing", name="x", train=fast_train, progress=False)
+        z.add_task(tmp_path / "missing", name="x", train=fast_train)
 
     def crash(*a, **k):
         raise KeyboardInterrupt("power cut during the registry write")
 
     monkeypatch.setattr(registry, "atomic_write_bytes", crash)
     with pytest.raises(KeyboardInterrupt):
-        z.add_task(builtin_tasks["colours"], train=fast_train, progress=False)
+        z.add_task(builtin_tasks["colours"], train=fast_train)
     assert snapshot(z.root) == before
     assert Zoo.open(z.root).names == ["shapes"]
 
@@ -70,7 +70,7 @@ def test_failed_add_task_leaves_zoo_unchanged(empty_zoo, builtin_tasks, fast_tra
 def _add(args):
     root, domain = args
     z = Zoo.open(root)
-    z.add_task(load_builtin(domain, 12, 4), train=TrainSettings(epochs=2), progress=False)
+    z.add_task(load_builtin(domain, 12, 4), train=TrainSettings(epochs=2))
     return domain
 
 
@@ -85,7 +85,7 @@ def test_concurrent_add_task_loses_nothing(empty_zoo):
 def test_predict_routes_mixed_inputs_and_remove(empty_zoo, builtin_tasks, fast_train):
     z = empty_zoo
     for d, td in builtin_tasks.items():
-        z.add_task(td, train=fast_train, progress=False)
+        z.add_task(td, train=fast_train)
     images, truth = [], []
     for d, td in builtin_tasks.items():
         images += td.test.images
@@ -102,9 +102,9 @@ def test_predict_routes_mixed_inputs_and_remove(empty_zoo, builtin_tasks, fast_t
         z.predict(images[:1], task="digits")
 
 
-def test_feature_cache_encodes_each_image_once(empty_zoo, builtin_tasks, tmp_path):
+def test_feature_cache_encodes_each_image_once(empty_zoo, builtin_tasks, tmp_path, monkeypatch):
     z = empty_zoo
-    z.cache_root = tmp_path / "fresh-cache"
+    monkeypatch.setenv("CLIPZOO_CACHE", str(tmp_path / "fresh-cache"))
     calls = []
     bb = z.backbone
     original = bb.encode_images
@@ -116,26 +116,26 @@ def test_feature_cache_encodes_each_image_once(empty_zoo, builtin_tasks, tmp_pat
     bb.encode_images = counting
     try:
         imgs = builtin_tasks["colours"].test.images
-        a = z.features(imgs, progress=False)
-        b = z.features(imgs, progress=False)
+        a = z.features(imgs)
+        b = z.features(imgs)
     finally:
         del bb.encode_images
     assert sum(calls) == len(imgs)
     assert torch.equal(a, b)
-    assert torch.equal(Zoo.open(z.root, cache_root=z.cache_root).features(imgs, progress=False), a)
+    assert torch.equal(Zoo.open(z.root).features(imgs), a)
 
 
 def test_expert_on_another_backbone_is_refused(empty_zoo, builtin_tasks, fast_train, tmp_path):
     from safetensors.torch import load_file, save_file
-    from zoo.backbone import EMBEDDED_WEIGHTS, BackboneSpec
+    from clipzoo.zoo.backbone import EMBEDDED_WEIGHTS, BackboneSpec
 
-    empty_zoo.add_task(builtin_tasks["shapes"], train=fast_train, progress=False)
+    empty_zoo.add_task(builtin_tasks["shapes"], train=fast_train)
     sd = load_file(str(EMBEDDED_WEIGHTS))
     sd["logit_scale"] = sd["logit_scale"] + 0.25
     other = tmp_path / "other.safetensors"
     save_file(sd, str(other))
     z2 = Zoo.create(tmp_path / "z2", BackboneSpec("clipzoo-tiny", str(other)))
-    from zoo.expert import load_expert
+    from clipzoo.zoo.experts import load_expert
 
     with pytest.raises(BackboneError, match="trained on backbone"):
         load_expert(empty_zoo.expert_dir("shapes"), z2.backbone)
@@ -152,8 +152,8 @@ def test_root_registry_json_is_a_valid_current_example():
     """The repository's registry.json documents the schema: it validates, its backbone is the
     embedded one as packaged now, and every expert's kind is one clipzoo can load."""
     from conftest import REPO
-    from zoo.adapters import parse_kinds
-    from zoo.backbone import BackboneSpec, load_backbone
+    from clipzoo.zoo.adapters import parse_kinds
+    from clipzoo.zoo.backbone import BackboneSpec, load_backbone
 
     reg = registry.validate(json.loads((REPO / "registry.json").read_text()))
     assert reg["backbone"]["fingerprint"] == load_backbone(BackboneSpec()).fingerprint
@@ -179,7 +179,7 @@ def test_predict_refuses_an_empty_zoo_or_unknown_task_before_encoding(empty_zoo,
     with pytest.raises(RegistryError, match="no experts yet"):
         empty_zoo.predict(images)
     monkeypatch.undo()
-    empty_zoo.add_task(builtin_tasks["shapes"], train=fast_train, progress=False)
+    empty_zoo.add_task(builtin_tasks["shapes"], train=fast_train)
     monkeypatch.setattr(Zoo, "features", lambda *a, **k: pytest.fail("encoded before checking"))
     with pytest.raises(RegistryError, match="no expert named 'nope'.*experts: shapes"):
         empty_zoo.predict(images, task="nope")

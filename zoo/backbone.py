@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from open_clip.transform import PreprocessCfg, image_transform_v2
 
-from zoo.errors import BackboneError
+from clipzoo.errors import BackboneError
 
 ASSETS = Path(__file__).parent / "assets"
 TINY_MODEL = "clipzoo-tiny"

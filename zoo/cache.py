@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import uuid
 from pathlib import Path
 from typing import Callable, Sequence
@@ -20,15 +19,11 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save
-from tqdm import tqdm
 
-from tasks.data import open_image
-from tasks.spec import ImageSource
-from zoo.registry import atomic_write_bytes
-
-
-def default_root() -> Path:
-    return Path(os.environ.get("CLIPZOO_CACHE") or Path.home() / ".cache" / "clipzoo")
+from clipzoo.tasks.data import open_image
+from clipzoo.tasks.spec import ImageSource
+from clipzoo.runtime import cache_root, progress_bar
+from clipzoo.zoo.registry import atomic_write_bytes
 
 
 def content_key(src: ImageSource) -> str:
@@ -47,9 +42,9 @@ def content_key(src: ImageSource) -> str:
 class FeatureCache:
     """Content-addressed store of one backbone's image features."""
 
-    def __init__(self, namespace_parts: Sequence[str], root: Path | None = None):
+    def __init__(self, namespace_parts: Sequence[str]):
         ns = hashlib.sha256("\n".join(namespace_parts).encode()).hexdigest()[:24]
-        self.dir = (root or default_root()) / "features" / ns
+        self.dir = cache_root() / "features" / ns
         self._index: dict[str, tuple[Path, int]] | None = None
 
     def _load_index(self) -> dict[str, tuple[Path, int]]:
@@ -114,10 +109,9 @@ def encode_cached(
     return torch.stack([found[k] if k in found else new[k] for k in keys]) if keys else torch.empty(0)
 
 
-def backbone_features(bb, images: Sequence, cache_root: Path | None = None, desc: str = "encode",
-                      progress: bool = True) -> torch.Tensor:
-    """Frozen image embeddings of ``bb`` (a :class:`zoo.backbone.Backbone`), each image encoded once
-    per (fingerprint, preprocessing) through the feature cache under ``cache_root``."""
-    cache = FeatureCache([bb.fingerprint, bb.preprocess_id], cache_root)
-    with tqdm(total=len(images), desc=desc, disable=not progress or len(images) < 64, leave=False) as bar:
+def backbone_features(bb, images: Sequence, desc: str = "encode") -> torch.Tensor:
+    """Frozen image embeddings of ``bb`` (a :class:`clipzoo.zoo.backbone.Backbone`), each image encoded once
+    per (fingerprint, preprocessing) through the feature cache (:func:`clipzoo.runtime.cache_root`)."""
+    cache = FeatureCache([bb.fingerprint, bb.preprocess_id])
+    with progress_bar(total=len(images), desc=desc, min_total=64) as bar:
         return encode_cached(images, bb.preprocess, bb.encode_images, cache, progress=bar.update)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from open_clip.transformer import ResidualAttentionBlock, VisionTransformer, text_global_pool
 from torch import nn
 
-from zoo.errors import ConfigError
+from clipzoo.errors import ConfigError
 
 TOWERS = ("image", "text")
 SITES = ("qkv", "out", "fc", "proj", "post_attn", "post_mlp")

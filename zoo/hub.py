@@ -14,7 +14,7 @@ sha256 against the remote registry, refuses another backbone, and refuses an exp
 locally with other hashes unless ``force``. Then, under the zoo lock, folders are moved in and the
 registry is written atomically; any error removes the staging folder and leaves the zoo as it was.
 The remote's router files are taken only by a zoo without experts pulling all of the remote's;
-otherwise the local router is kept and rebuilt over the merged experts (``Zoo.refresh_router``).
+otherwise the local router is kept and rebuilt over the merged experts (``Store.refresh_router``).
 Model cards (``README.md`` of the zoo and of each pulled expert) come along when they are UTF-8
 text of at most 1 MiB; any other card is dropped (``push`` regenerates a missing one).
 
@@ -40,8 +40,9 @@ from huggingface_hub import (CommitOperationAdd, CommitOperationDelete, HfApi, c
 from huggingface_hub.hf_api import RepoFile
 from huggingface_hub.utils import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
-from zoo import registry
-from zoo.errors import BackboneError, ClipzooError, HubError, IntegrityError, RegistryError
+from clipzoo.zoo import registry
+from clipzoo.zoo.store import Store
+from clipzoo.errors import BackboneError, ClipzooError, HubError, IntegrityError, RegistryError
 
 CARD = "README.md"
 READABLE = (".json", ".safetensors")
@@ -153,7 +154,7 @@ def _local_files(root: Path, reg: dict) -> dict[str, bytes]:
 
 def _with_cards(root: Path, reg: dict, files: dict[str, bytes], repo_id: str) -> dict[str, bytes]:
     """Add the zoo's and each expert's README.md: the one in the zoo if present, else generated."""
-    from zoo.cards import expert_card, zoo_card
+    from clipzoo.zoo.cards import expert_card, zoo_card
 
     cards = {CARD: lambda: zoo_card(reg, repo_id)}
     for name in reg["experts"]:
@@ -359,9 +360,7 @@ def pull(root: Path, repo_id: str, *, revision: str | None = None, only: list[st
     (root / registry.EXPERTS_DIR).mkdir(exist_ok=True)
     router = "from remote" if take_sections else "local"
     if fetch and not take_sections:  # the router must learn the new experts (one new router version)
-        from zoo.zoo import Zoo
-
-        Zoo.open(root).refresh_router()
+        Store.open(root).refresh_router()
         router = "refreshed"
     return {"repo_id": repo_id, "revision": rev, "commit": info.sha, "zoo": str(root), "created": local is None,
             "added": plan["add"], "replaced": plan["replace"], "unchanged": plan["unchanged"], "router": router,

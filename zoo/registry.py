@@ -22,7 +22,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from zoo.errors import RegistryError
+from clipzoo.errors import RegistryError
 
 SCHEMA_VERSION = 1
 REGISTRY = "registry.json"

@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
+from clipzoo.runtime import progress_bar
 
 
 @dataclass
@@ -31,7 +31,7 @@ def train_defaults(kind: str) -> dict:
     among its kinds' ``train_defaults``, else :class:`TrainSettings`'. Kinds inside an encoder pay a
     backbone forward and backward pass per step, so they default to half the epochs at a higher LR
     (on mnist and cifar10 about the accuracy of 20 epochs at 2e-3: ``clipzoo bench-kinds``)."""
-    from zoo.adapters import ADAPTERS
+    from clipzoo.zoo.adapters import ADAPTERS
 
     found = [ADAPTERS[k][0].train_defaults for k in kind.split("+") if k in ADAPTERS]
     return {"epochs": int(min([d["epochs"] for d in found if "epochs" in d], default=TrainSettings.epochs)),
@@ -67,7 +67,7 @@ def cross_entropy(logits: torch.Tensor, inputs: tuple[torch.Tensor, ...], labels
 
 
 def fit(model: nn.Module, inputs: torch.Tensor | tuple[torch.Tensor, ...], labels: torch.Tensor, s: TrainSettings,
-        extra_loss=None, desc: str = "train", progress: bool = True, criterion: Criterion = cross_entropy) -> dict:
+        extra_loss=None, desc: str = "train", criterion: Criterion = cross_entropy) -> dict:
     """Train ``model(*inputs) -> logits`` on ``criterion(logits, x, y)`` (default cross-entropy);
     ``extra_loss(model, x, y)`` is added (``x`` is the batch's inputs tuple). ``inputs`` is one
     tensor or a tuple of row-aligned tensors.
@@ -84,7 +84,7 @@ def fit(model: nn.Module, inputs: torch.Tensor | tuple[torch.Tensor, ...], label
     inputs = inputs if isinstance(inputs, tuple) else (inputs,)
     model.train()
     loss = torch.tensor(0.0)
-    with tqdm(total=steps, desc=desc, disable=not progress, leave=False) as bar:
+    with progress_bar(total=steps, desc=desc) as bar:
         for _ in range(s.epochs):
             perm = torch.randperm(n, generator=g)
             for b in range(0, n, s.batch_size):

@@ -2,8 +2,8 @@
 
 from dataclasses import dataclass, field
 
-from zoo.adapters import AdapterConfig
-from zoo.errors import ConfigError
+from clipzoo.zoo.adapters.base import AdapterConfig
+from clipzoo.errors import ConfigError
 
 
 @dataclass

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zoo.adapters import ExpertContext
-from zoo.adapters.clip_adapter.config import CLIPAdapterConfig
+from clipzoo.zoo.adapters.base import ExpertContext
+from clipzoo.zoo.adapters.clip_adapter.config import CLIPAdapterConfig
 
 
 class CLIPAdapter(nn.Module):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from zoo.adapters import AdapterConfig
-from zoo.errors import ConfigError
+from clipzoo.zoo.adapters.base import AdapterConfig
+from clipzoo.errors import ConfigError
 
 
 @dataclass

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zoo.adapters import ExpertContext
-from zoo.adapters.cross_modal.config import CrossModalConfig
+from clipzoo.zoo.adapters.base import ExpertContext
+from clipzoo.zoo.adapters.cross_modal.config import CrossModalConfig
 
 
 def _bottleneck(dim: int, hidden: int) -> nn.Sequential:

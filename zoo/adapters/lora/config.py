@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar, Optional
 
-from zoo.adapters import AdapterConfig, check_blocks
-from zoo.encoders import tower_blocks
-from zoo.errors import ConfigError
+from clipzoo.zoo.adapters.base import AdapterConfig, check_blocks
+from clipzoo.zoo.encoders import tower_blocks
+from clipzoo.errors import ConfigError
 
 TARGETS = ("q", "k", "v", "out")
 TOWER_CHOICES = {"image": ("image",), "text": ("text",), "both": ("image", "text")}

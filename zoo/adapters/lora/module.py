@@ -13,9 +13,9 @@ import math
 import torch
 from torch import nn
 
-from zoo.adapters import ExpertContext, check_blocks
-from zoo.adapters.lora.config import TOWER_CHOICES, LoRAConfig
-from zoo.encoders import Hooks, tower_blocks
+from clipzoo.zoo.adapters.base import ExpertContext, check_blocks
+from clipzoo.zoo.adapters.lora.config import TOWER_CHOICES, LoRAConfig
+from clipzoo.zoo.encoders import Hooks, tower_blocks
 
 
 class LowRank(nn.Module):

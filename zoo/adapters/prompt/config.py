@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from zoo.adapters import AdapterConfig
-from zoo.encoders import text_tower
-from zoo.errors import ConfigError
+from clipzoo.zoo.adapters.base import AdapterConfig
+from clipzoo.zoo.encoders import text_tower
+from clipzoo.errors import ConfigError
 
 
 @dataclass

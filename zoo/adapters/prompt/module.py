@@ -14,11 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zoo.adapters import ExpertContext
-from zoo.adapters.prompt.config import PromptConfig, init_ids
-from zoo.backbone import class_name_text
-from zoo.encoders import Hooks, encode_text, text_tower
-from zoo.errors import ConfigError
+from clipzoo.zoo.adapters.base import ExpertContext
+from clipzoo.zoo.adapters.prompt.config import PromptConfig, init_ids
+from clipzoo.zoo.backbone import class_name_text
+from clipzoo.zoo.encoders import Hooks, encode_text, text_tower
+from clipzoo.errors import ConfigError
 
 Encode = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (token ids, embeddings) -> unit-norm (N, D)
 

@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zoo.adapters import ExpertContext, check_blocks
-from zoo.adapters.vit_adapter.config import ViTAdapterConfig
-from zoo.encoders import Hooks, tower_blocks
+from clipzoo.zoo.adapters.base import ExpertContext, check_blocks
+from clipzoo.zoo.adapters.vit_adapter.config import ViTAdapterConfig
+from clipzoo.zoo.encoders import Hooks, tower_blocks
 
 
 class Bottleneck(nn.Module):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from zoo.adapters.vit_adapter.config import ViTAdapterConfig
+from clipzoo.zoo.adapters.vit_adapter.config import ViTAdapterConfig
 
 
 @dataclass

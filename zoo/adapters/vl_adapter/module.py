@@ -1,6 +1,6 @@
-"""VL-Adapter: :class:`zoo.adapters.vit_adapter.module.ViTAdapter` on both towers (its config's ``towers``)."""
+"""VL-Adapter: :class:`clipzoo.zoo.adapters.vit_adapter.module.ViTAdapter` on both towers (its config's ``towers``)."""
 
-from zoo.adapters.vit_adapter.module import ViTAdapter
+from clipzoo.zoo.adapters.vit_adapter.module import ViTAdapter
 
 
 class VLAdapter(ViTAdapter):

@@ -1,7 +1,7 @@
 """Contrastive pretraining of the embedded tiny CLIP on procedural image/caption data.
 
 Run once by the maintainers (``clipzoo pretrain-tiny``); its output is the packaged
-``zoo/assets/clipzoo-tiny.safetensors``. The pairs come from :mod:`zoo.pretrain_data`
+``zoo/assets/clipzoo-tiny.safetensors``. The pairs come from :mod:`clipzoo.bench.pretrain_data`
 (compositional scenes, glyphs, textures, natural-image-like clutter and the built-in synthetic
 domains' ``pretrain`` split, which never overlaps the ``train``/``test`` images that tasks use);
 no real image is ever used. A pool of ``n_samples`` pairs is drawn once and shown ``epochs``
@@ -18,10 +18,10 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
-from tqdm import tqdm
+from clipzoo.runtime import progress_bar
 
-from zoo.backbone import ASSETS, TINY_MODEL
-from zoo.pretrain_data import dataset
+from clipzoo.zoo.backbone import ASSETS, TINY_MODEL
+from clipzoo.bench.pretrain_data import dataset
 
 DEFAULT_CONFIG = ASSETS / f"{TINY_MODEL}.json"
 
@@ -52,7 +52,7 @@ def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, keys: torch.Tensor, s
 
 
 def pretrain_tiny(out: Path, config: Path = DEFAULT_CONFIG, n_samples: int = 36_000, epochs: int = 6,
-                  batch_size: int = 256, lr: float = 2e-3, seed: int = 0, progress: bool = True) -> Path:
+                  batch_size: int = 256, lr: float = 2e-3, seed: int = 0) -> Path:
     """Train the tiny CLIP of ``config`` from a seeded init and save fp16 safetensors weights to ``out``."""
     config = Path(config)
     name = config.stem
@@ -73,7 +73,7 @@ def pretrain_tiny(out: Path, config: Path = DEFAULT_CONFIG, n_samples: int = 36_
     steps = epochs * (n_samples // batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     model.train()
-    bar = tqdm(total=steps, desc=f"pretrain {name}", disable=not progress)
+    bar = progress_bar(total=steps, desc=f"pretrain {name}")
     for _ in range(epochs):
         perm = torch.randperm(n_samples, generator=gen)
         for b in range(n_samples // batch_size):

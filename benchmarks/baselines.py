@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zoo.train import TrainSettings, fit
+from clipzoo.zoo.train import TrainSettings, fit
 
 Pred = tuple[torch.Tensor, torch.Tensor]
 Data = list[tuple[torch.Tensor, torch.Tensor]]
@@ -146,7 +146,7 @@ class NaiveSequential:
         self.before_task(t)
         self.model.add_head(self.class_embs[t])
         yy = y + self.offset(t)
-        hist = fit(self.model, x, yy, self.train, extra_loss=self.extra_loss, desc=f"{self.name} {t}", progress=False)
+        hist = fit(self.model, x, yy, self.train, extra_loss=self.extra_loss, desc=f"{self.name} {t}")
         self.after_task(t, x, yy)
         return {**hist, "train_seconds": time.perf_counter() - t0}
 
@@ -309,7 +309,7 @@ class Joint(NaiveSequential):
             self.model.add_head(self.class_embs[s])
         xs = torch.cat([d[0] for d in self.data])
         ys = torch.cat([d[1] + self.offset(s) for s, d in enumerate(self.data)])
-        hist = fit(self.model, xs, ys, self.train, desc=f"joint {t}", progress=False)
+        hist = fit(self.model, xs, ys, self.train, desc=f"joint {t}")
         return {**hist, "train_seconds": time.perf_counter() - t0}
 
     def stored_images(self) -> int:

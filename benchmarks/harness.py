@@ -1,11 +1,11 @@
 """The forgetting benchmark: train through task sequences and fill each method's accuracy matrix.
 
 For every (order, seed) run the zoo is a real zoo directory grown with ``Zoo.add_task``; the
-baselines (:mod:`tasks.baselines`) run in the same run on the same cached frozen features with the
+baselines (:mod:`clipzoo.bench.baselines`) run in the same run on the same cached frozen features with the
 same epochs, learning rate and seed. Lower-triangle entries (``j <= i``) are task-agnostic but for
 the ``zoo-oracle`` row: an answer counts only if it names the right task and the right class. Upper-triangle entries (``j > i``) give the task's class names (zero-shot transfer to a
-task not learned yet). Finished steps are checkpointed (:mod:`tasks.resume`), so ``resume=True``
-continues a crashed run. The result's layout is documented in ``tasks/REPORT_SCHEMA.md``.
+task not learned yet). Finished steps are checkpointed (:mod:`clipzoo.bench.resume`), so ``resume=True``
+continues a crashed run. The result's layout is documented in ``benchmarks/REPORT_SCHEMA.md``.
 """
 
 from __future__ import annotations
@@ -22,19 +22,19 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
-from tqdm import tqdm
 
-from tasks import baselines as B
-from tasks.metrics import METRIC_KEYS, mean_std, seen_accuracy_per_step, summary
-from tasks.resume import StepStore
-from tasks.sequence import task_orders
-from tasks.spec import TaskData
-from tasks.synthetic import DOMAINS as REFERENCE_VOCAB
-from zoo.backbone import Backbone, BackboneSpec, load_backbone
-from zoo.cache import backbone_features
-from zoo.errors import ConfigError
-from zoo.train import TrainSettings
-from zoo.zoo import Zoo
+from clipzoo.bench import baselines as B
+from clipzoo.tasks.metrics import METRIC_KEYS, mean_std, seen_accuracy_per_step, summary
+from clipzoo.bench.resume import StepStore
+from clipzoo.tasks.sequence import task_orders
+from clipzoo.tasks.spec import TaskData
+from clipzoo.tasks.synthetic import DOMAINS as REFERENCE_VOCAB
+from clipzoo.zoo.backbone import Backbone, BackboneSpec, load_backbone
+from clipzoo.zoo.cache import backbone_features
+from clipzoo.errors import ConfigError
+from clipzoo.runtime import progress_bar
+from clipzoo.zoo.train import TrainSettings
+from clipzoo.zoo.zoo import Zoo
 
 __all__ = ["BenchSettings", "default_methods", "run_benchmark", "METHODS", "ZOO_ROWS"]
 
@@ -118,7 +118,7 @@ def _build(names: list[str], embs: list[torch.Tensor], bb: Backbone, train: Trai
         "joint": lambda: B.Joint(embs, scale, train),
     }
     if any(n in CROSS_CHECKS for n in names):
-        from tasks.avalanche_check import make_cross_checks
+        from clipzoo.bench.avalanche_check import make_cross_checks
 
         make.update(make_cross_checks(embs, scale, train, s))
     return [make[n]() for n in names]
@@ -127,7 +127,7 @@ def _build(names: list[str], embs: list[torch.Tensor], bb: Backbone, train: Trai
 def _zoo_params(zoo: Zoo) -> tuple[int, int, int]:
     """(trainable, stored, router) numbers of the zoo: the experts' trainable parameters; everything
     stored (experts' weights, per-task statistics, a learned router's file); the router file's share."""
-    trainable = sum(int(r["trainable_params"]) for r in zoo.list())
+    trainable = sum(int(r["trainable_params"]) for r in zoo.records())
     files = [f for f in zoo.registry.get("router", {}).get("files", {}) if f.endswith(".safetensors")]
     router = sum(B.numel(load_file(str(zoo.root / f)).values()) for f in files)
     stored = router + sum(B.numel(zoo.expert(n).state_dict().values())
@@ -136,17 +136,17 @@ def _zoo_params(zoo: Zoo) -> tuple[int, int, int]:
     return trainable, stored, router
 
 
-def _open_zoo(zoo_dir: Path, s: BenchSettings, done: list[str], cache_root: Path | None) -> Zoo:
+def _open_zoo(zoo_dir: Path, s: BenchSettings, done: list[str]) -> Zoo:
     """A fresh zoo, or (resuming) the existing one with any expert beyond the finished steps removed."""
     if done and (zoo_dir / "registry.json").is_file():
-        zoo = Zoo.open(zoo_dir, cache_root)
+        zoo = Zoo.open(zoo_dir)
         if set(done) <= set(zoo.names):
             for extra in [n for n in zoo.names if n not in done]:
                 zoo.remove(extra)  # trained in a step that crashed before its checkpoint
             return zoo
         raise ConfigError(f"cannot resume: the zoo in {zoo_dir} lacks experts of finished steps; drop --resume")
     shutil.rmtree(zoo_dir, ignore_errors=True)
-    return Zoo.create(zoo_dir, BackboneSpec(s.backbone, s.pretrained), cache_root=cache_root)
+    return Zoo.create(zoo_dir, BackboneSpec(s.backbone, s.pretrained))
 
 
 def _evaluate_step(i: int, tasks: list[TaskData], feats: list, zoo: Zoo, methods: list) -> dict:
@@ -212,8 +212,8 @@ def _ood(zoo: Zoo, held: tuple[str, torch.Tensor] | None, last: dict) -> dict:
 
 
 def _run(rid: str, order: list[int], seed: int, all_tasks: list[TaskData], all_feats: list, bb: Backbone,
-         s: BenchSettings, run_dir: Path, zoo_dir: Path, resume: bool, progress: bool,
-         cache_root: Path | None, held: tuple[str, torch.Tensor] | None) -> dict:
+         s: BenchSettings, run_dir: Path, zoo_dir: Path, resume: bool,
+         held: tuple[str, torch.Tensor] | None) -> dict:
     tasks = [all_tasks[k] for k in order]
     feats = [all_feats[k] for k in order]
     T = len(tasks)
@@ -227,15 +227,15 @@ def _run(rid: str, order: list[int], seed: int, all_tasks: list[TaskData], all_f
               "tasks": [t.name for t in tasks], "sources": [t.source for t in tasks],
               "sizes": [[len(t.train), len(t.test)] for t in tasks], "backbone_fingerprint": bb.fingerprint}
     start = store.start(config, resume)
-    zoo = _open_zoo(zoo_dir, s, [t.name for t in tasks[:start]], cache_root)
+    zoo = _open_zoo(zoo_dir, s, [t.name for t in tasks[:start]])
     if start:
         states = store.states(start - 1)
         for m in methods:
             m.restore(states.get(m.name, {}), [(f[0], f[1]) for f in feats[:start]])
-    for i in tqdm(range(start, T), desc=f"run {rid}", initial=start, total=T, disable=not progress):
+    for i in progress_bar(range(start, T), desc=f"run {rid}", initial=start, total=T):
         torch.manual_seed(seed * 1000 + i)  # each step's randomness depends on (seed, step) only: resumable
         t0 = time.perf_counter()
-        zoo.add_task(tasks[i], train=train, kind=s.kind, progress=False)
+        zoo.add_task(tasks[i], train=train, kind=s.kind)
         learn = {"zoo": round(time.perf_counter() - t0, 3)}
         for m in methods:
             learn[m.name] = round(m.learn(i, feats[i][0], feats[i][1])["train_seconds"], 3)
@@ -286,23 +286,22 @@ def _run(rid: str, order: list[int], seed: int, all_tasks: list[TaskData], all_f
             "router": zoo.registry["router"]["kind"], "peak_rss_mb": peak_rss_mb()}
 
 
-def _encode(tasks: list[TaskData], bb: Backbone, cache_root: Path | None, progress: bool) -> list:
+def _encode(tasks: list[TaskData], bb: Backbone) -> list:
     def enc(images, desc):
-        return backbone_features(bb, images, cache_root, desc, progress)
+        return backbone_features(bb, images, desc)
 
     return [(enc(t.train.images, f"encode {t.name}/train"), torch.tensor(t.train.labels),
              enc(t.test.images, f"encode {t.name}/test"), torch.tensor(t.test.labels)) for t in tasks]
 
 
-def run_benchmark(tasks: list[TaskData], settings: BenchSettings = BenchSettings(), out: Path | None = None,
-                  progress: bool = True, cache_root: Path | None = None, holdout: TaskData | None = None,
+def run_benchmark(tasks: list[TaskData], settings: BenchSettings = BenchSettings(), out: Path | None = None, holdout: TaskData | None = None,
                   resume: bool = False) -> dict:
     """Run every (order, seed); write ``report.json``, ``report.md`` and plots under ``out`` if given.
 
     The first run (the given order, ``settings.seed``) keeps its zoo in ``out/zoo``; the others in
     ``out/runs/<id>/zoo``. Without ``out`` everything lives in a temporary directory.
     """
-    from tasks.report import write_report
+    from clipzoo.bench.report import write_report
 
     settings.check()
     t_start = time.perf_counter()
@@ -313,7 +312,7 @@ def run_benchmark(tasks: list[TaskData], settings: BenchSettings = BenchSettings
     try:
         bb = load_backbone(BackboneSpec(settings.backbone, settings.pretrained))
         t0 = time.perf_counter()
-        feats = _encode(tasks + ([holdout] if holdout else []), bb, cache_root, progress)
+        feats = _encode(tasks + ([holdout] if holdout else []), bb)
         encode_seconds = time.perf_counter() - t0
         held = (holdout.name, feats.pop()[2]) if holdout else None
         orders = task_orders(len(tasks), settings.orders, settings.seed)
@@ -323,8 +322,7 @@ def run_benchmark(tasks: list[TaskData], settings: BenchSettings = BenchSettings
                 rid = f"o{o}-s{seed}"
                 first = not runs
                 runs.append(_run(rid, order, seed, tasks, feats, bb, settings, root / "runs" / rid,
-                                 root / "zoo" if first else root / "runs" / rid / "zoo", resume, progress,
-                                 cache_root, held))
+                                 root / "zoo" if first else root / "runs" / rid / "zoo", resume, held))
         result = _assemble(runs, settings, bb, tasks, holdout, encode_seconds, time.perf_counter() - t_start)
         if out:
             write_report(result, root)

@@ -1,4 +1,4 @@
-"""``clipzoo push`` and ``clipzoo pull``: sync a zoo with the Hugging Face Hub (see :mod:`zoo.hub`).
+"""``clipzoo push`` and ``clipzoo pull``: sync a zoo with the Hugging Face Hub (see :mod:`clipzoo.zoo.hub`).
 
 The endpoint and token come from huggingface_hub's configuration: ``HF_ENDPOINT`` (or
 ``--endpoint``), ``HF_TOKEN`` or the login cache (``hf auth login``). The token is never printed.
@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import click
 
-from zoo.cli import _print, json_option, main, zoo_option
+from clipzoo.cli.options import emit, json_option, zoo_option
 
 endpoint_option = click.option("--endpoint", default=None,
                                help="Hub URL (default: $HF_ENDPOINT, else https://huggingface.co).")
 
 
-@main.command()
+@click.command()
 @zoo_option
 @click.argument("repo_id")
 @click.option("--revision", default=None, help="Branch to push to (created from main if missing; default main).")
@@ -32,7 +32,7 @@ def push(zoo_dir: str, repo_id: str, revision: str | None, private: bool, messag
       clipzoo push --zoo myzoo me/my-zoo --dry-run
       clipzoo push --zoo myzoo me/my-zoo --private -m "add mnist expert"
     """
-    from zoo.hub import push as run
+    from clipzoo.zoo.hub import push as run
 
     r = run(zoo_dir, repo_id, revision=revision, private=private, message=message, dry_run=dry_run,
             endpoint=endpoint)
@@ -42,10 +42,10 @@ def push(zoo_dir: str, repo_id: str, revision: str | None, private: bool, messag
             f"{' (new repository)' if r['create_repo'] else ''}: {len(c['add'])} added, {len(c['update'])} updated, "
             f"{len(c['delete'])} deleted, {len(c['unchanged'])} unchanged")
     tail = f"\ncommit {r['commit']}" if r["commit"] else ("" if dry_run else "\nnothing to commit: up to date")
-    _print(r, as_json, "\n".join([head, *lines]) + tail)
+    emit(r, as_json, "\n".join([head, *lines]) + tail)
 
 
-@main.command()
+@click.command()
 @click.argument("repo_id")
 @zoo_option
 @click.option("--revision", default=None, help="Branch, tag or commit to pull (pinned to its commit; default main).")
@@ -62,11 +62,11 @@ def pull(repo_id: str, zoo_dir: str, revision: str | None, only: str | None, for
       clipzoo pull me/my-zoo --zoo myzoo
       clipzoo pull me/my-zoo --zoo myzoo --revision v1 --only mnist,cifar10
     """
-    from zoo.hub import pull as run
+    from clipzoo.zoo.hub import pull as run
 
     names = [n.strip() for n in only.split(",") if n.strip()] if only else None
     r = run(zoo_dir, repo_id, revision=revision, only=names, force=force, endpoint=endpoint)
     parts = [f"{len(r[k])} {k}" for k in ("added", "replaced", "unchanged")]
     note = "; router refreshed" if r["router"] == "refreshed" else ""
-    _print(r, as_json, f"pulled {repo_id}@{r['commit'][:12]} into {r['zoo']}"
+    emit(r, as_json, f"pulled {repo_id}@{r['commit'][:12]} into {r['zoo']}"
                        f"{' (new zoo)' if r['created'] else ''}: {', '.join(parts)}{note}")

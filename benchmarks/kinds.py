@@ -1,12 +1,12 @@
 """Expert kinds side by side: accuracy, size, training time and inference overhead, in one run.
 
 On each domain of ``--data-dir`` (ImageFolder layout) every method gets the same train/test
-split, the same seed and the same :class:`zoo.train.TrainSettings` but for the epochs and LR:
-each kind's defaults (:func:`zoo.train.train_defaults`, what ``clipzoo add-task`` uses) unless
+split, the same seed and the same :class:`clipzoo.zoo.train.TrainSettings` but for the epochs and LR:
+each kind's defaults (:func:`clipzoo.zoo.train.train_defaults`, what ``clipzoo add-task`` uses) unless
 ``--epochs`` / ``--lr`` fix them for all; ``zero-shot`` is the frozen backbone's prompt-ensemble classifier. Task ids are given (each expert is evaluated on its own
 task), so the numbers are oracle accuracies of the expert, not routed ones.
 
-- ``train s``: wall-clock seconds of :func:`zoo.train.fit` (pixels preprocessed beforehand);
+- ``train s``: wall-clock seconds of :func:`clipzoo.zoo.train.fit` (pixels preprocessed beforehand);
 - ``ms/img``: median over ``--repeats`` of the zoo's inference path for one batch of test
   images (frozen encoder for the routing features, then the expert; text classifiers are cached),
   divided by the batch size; ``overhead`` compares it with the frozen backbone's zero-shot path,
@@ -27,13 +27,13 @@ from pathlib import Path
 
 import torch
 
-from tasks.data import TaskData, load_task, open_image
-from tasks.harness import machine_info
-from zoo.adapters import parse_kinds
-from zoo.backbone import BackboneSpec, load_backbone
-from zoo.expert import build_expert
-from zoo.train import TrainSettings, fit, train_defaults
-from zoo.zoo import accuracy
+from clipzoo.tasks.data import TaskData, load_task, open_image
+from clipzoo.bench.harness import machine_info
+from clipzoo.tasks.metrics import accuracy
+from clipzoo.zoo.adapters import parse_kinds
+from clipzoo.zoo.backbone import BackboneSpec, load_backbone
+from clipzoo.zoo.experts import build_expert
+from clipzoo.zoo.train import TrainSettings, fit, train_defaults
 
 METHODS = ["clip-adapter", "cross-modal", "prompt", "lora", "vit-adapter", "vl-adapter",
            "lora+prompt", "vit-adapter+clip-adapter"]
@@ -86,7 +86,7 @@ def run_domain(bb, task: TaskData, methods: list[str], s: TrainSettings, fixed: 
         exp = build_expert(kind, bb, task.classes, task.templates)
         inputs = (x_tr, px_tr) if exp.needs_pixels else (x_tr,)
         s = replace(s, **{**train_defaults(kind), **fixed})
-        hist = fit(exp, inputs, y_tr, s, progress=False, criterion=exp.criterion)
+        hist = fit(exp, inputs, y_tr, s, criterion=exp.criterion)
         exp.eval()
         acc = accuracy(_batched(exp, x_te, px_te).argmax(1), y_te)
         t_path, t_frozen = _latency(lambda: exp(bb.encode_images(px_lat), px_lat), frozen, repeats)

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save
 
-from zoo.errors import ConfigError
-from zoo.registry import atomic_write_bytes
+from clipzoo.errors import ConfigError
+from clipzoo.zoo.registry import atomic_write_bytes
 
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-from tasks import synthetic
+from clipzoo.tasks import synthetic
 
 SIZE = synthetic.SIZE
 

@@ -29,18 +29,18 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
-from tqdm import tqdm
+from clipzoo.runtime import progress_bar
 
-from router.gate import NearestStatsRouter
-from router.learned import RouterConfig, SparseRouter
-from router.ood import DEFAULT_QUANTILE
-from router.stats import compute_stats
-from tasks.data import load_task
-from tasks.spec import TaskData
-from zoo.backbone import BackboneSpec
-from zoo.errors import ConfigError
-from zoo.train import TrainSettings
-from zoo.zoo import Zoo
+from clipzoo.router.gate import NearestStatsRouter
+from clipzoo.router.learned import RouterConfig, SparseRouter
+from clipzoo.router.ood import DEFAULT_QUANTILE
+from clipzoo.router.stats import compute_stats
+from clipzoo.tasks.data import load_task
+from clipzoo.tasks.spec import TaskData
+from clipzoo.zoo.backbone import BackboneSpec
+from clipzoo.errors import ConfigError
+from clipzoo.zoo.train import TrainSettings
+from clipzoo.zoo.zoo import Zoo
 
 
 @dataclass
@@ -60,18 +60,17 @@ def _auroc(is_ood: torch.Tensor, score: torch.Tensor) -> float:
     return round(float(roc_auc_score(is_ood.numpy(), score.double().numpy())), 6)
 
 
-def sequence_bench(tasks: list[TaskData], holdout: TaskData | None, s: RouterBenchSettings, zoo_dir: Path,
-                   progress: bool = True) -> dict:
+def sequence_bench(tasks: list[TaskData], holdout: TaskData | None, s: RouterBenchSettings, zoo_dir: Path) -> dict:
     """Learn ``tasks`` in order; per step, every router on the mixed stream of seen test sets."""
     zoo = Zoo.create(zoo_dir)
     zoo.refresh_router(kind="learned", ood_quantile=s.ood_quantile, config=RouterConfig(seed=s.seed))
-    test = [(zoo.features(t.test.images, f"encode {t.name}/test", progress), torch.tensor(t.test.labels))
+    test = [(zoo.features(t.test.images, f"encode {t.name}/test"), torch.tensor(t.test.labels))
             for t in tasks]
     ex_router = SparseRouter(zoo.backbone.embed_dim, RouterConfig(exemplars=s.exemplars, seed=s.seed), s.ood_quantile)
     gen = torch.Generator().manual_seed(s.seed)
     steps, prev = [], {}
-    for i, task in enumerate(tqdm(tasks, desc="router bench steps", disable=not progress)):
-        zoo.add_task(task, train=TrainSettings(epochs=s.epochs, seed=s.seed), progress=False)
+    for i, task in enumerate(progress_bar(tasks, desc="router bench steps")):
+        zoo.add_task(task, train=TrainSettings(epochs=s.epochs, seed=s.seed))
         update = zoo.router().info  # what the incremental update just did (loaded from its file)
         stats = {n: zoo.stats(n) for n in zoo.names}
         routers = {"learned": zoo.router(), "nearest-stats": NearestStatsRouter(stats, s.ood_quantile)}
@@ -79,7 +78,7 @@ def sequence_bench(tasks: list[TaskData], holdout: TaskData | None, s: RouterBen
         routers["learned-cold"] = SparseRouter.from_stats(stats, RouterConfig(seed=s.seed), s.ood_quantile)
         cold_seconds = time.perf_counter() - t0
         if s.exemplars:
-            ex_router.add(task.name, stats[task.name], zoo.features(task.train.images, progress=False))
+            ex_router.add(task.name, stats[task.name], zoo.features(task.train.images))
             routers["learned+exemplars"] = ex_router
         # the mixed stream: every seen task's test images, shuffled
         order = torch.randperm(sum(len(test[j][1]) for j in range(i + 1)), generator=gen)
@@ -103,7 +102,7 @@ def sequence_bench(tasks: list[TaskData], holdout: TaskData | None, s: RouterBen
     result = {"tasks": [t.name for t in tasks], "per_step": steps, "task_ids_at_test": False,
               "router_config": asdict(zoo.router().config), "exemplars_per_task": s.exemplars}
     if holdout is not None:
-        result["holdout"] = holdout_bench(zoo, tasks, test, holdout, s, progress)
+        result["holdout"] = holdout_bench(zoo, tasks, test, holdout, s)
     return result
 
 
@@ -113,10 +112,10 @@ def _expert_labels(zoo: Zoo, name: str, x: torch.Tensor) -> torch.Tensor:
 
 
 def holdout_bench(zoo: Zoo, tasks: list[TaskData], test: list[tuple[torch.Tensor, torch.Tensor]], holdout: TaskData,
-                  s: RouterBenchSettings, progress: bool = True) -> dict:
+                  s: RouterBenchSettings) -> dict:
     """OOD detection of a never-learned domain against the known domains' test images."""
     x_id = torch.cat([t[0] for t in test])
-    x_ood = zoo.features(holdout.test.images, f"encode {holdout.name}/test", progress)
+    x_ood = zoo.features(holdout.test.images, f"encode {holdout.name}/test")
     x = torch.cat([x_id, x_ood])
     is_ood = torch.cat([torch.zeros(len(x_id)), torch.ones(len(x_ood))])
     learned = zoo.router()
@@ -171,14 +170,14 @@ def _synthetic_stats(n: int, dim: int, seed: int, classes: int = 10, per_class: 
     return out
 
 
-def scale_bench(n: int, dim: int = 64, seed: int = 0, progress: bool = True) -> dict:
+def scale_bench(n: int, dim: int = 64, seed: int = 0) -> dict:
     """Router update cost (wall and CPU seconds) per added task, 1..n synthetic tasks."""
     if n < 2:
         raise ConfigError("--scale needs at least 2 tasks")
     tasks = _synthetic_stats(n, dim, seed)
     r = SparseRouter(dim, RouterConfig(seed=seed))
     rows = []
-    for i, (stats, _) in enumerate(tqdm(tasks, desc="router scale", disable=not progress)):
+    for i, (stats, _) in enumerate(progress_bar(tasks, desc="router scale")):
         w0, c0 = time.perf_counter(), time.process_time()
         r.add(f"synthetic-{i:03d}", stats)
         wall, cpu = time.perf_counter() - w0, time.process_time() - c0
@@ -198,8 +197,7 @@ def scale_bench(n: int, dim: int = 64, seed: int = 0, progress: bool = True) -> 
 
 
 def run_router_bench(domains: list[str], holdout: str | None = None, scale: int = 0,
-                     settings: RouterBenchSettings = RouterBenchSettings(), out: Path | None = None,
-                     progress: bool = True) -> dict:
+                     settings: RouterBenchSettings = RouterBenchSettings(), out: Path | None = None) -> dict:
     """The whole benchmark; writes ``router-bench.json`` under ``out`` when given."""
     if domains and len(domains) < 2:
         raise ConfigError("the sequence benchmark needs at least 2 domains (DIRs or builtin:<domain>)")
@@ -211,7 +209,7 @@ def run_router_bench(domains: list[str], holdout: str | None = None, scale: int 
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(settings.threads)
     try:
-        _run_parts(result, domains, holdout, scale, settings, progress)
+        _run_parts(result, domains, holdout, scale, settings)
     finally:
         torch.set_num_threads(prev_threads)
     if out:
@@ -220,19 +218,17 @@ def run_router_bench(domains: list[str], holdout: str | None = None, scale: int 
     return result
 
 
-def _run_parts(result: dict, domains: list[str], holdout: str | None, scale: int, settings: RouterBenchSettings,
-               progress: bool) -> None:
+def _run_parts(result: dict, domains: list[str], holdout: str | None, scale: int, settings: RouterBenchSettings) -> None:
     """Fill ``result`` with the sequence (+ holdout) and scale parts that were asked for."""
     if domains:
         tasks = [load_task(d) for d in domains]
         zoo_dir = Path(tempfile.mkdtemp(prefix="clipzoo-router-bench-")) / "zoo"
         try:
-            result["sequence"] = sequence_bench(tasks, load_task(holdout) if holdout else None, settings, zoo_dir,
-                                                progress)
+            result["sequence"] = sequence_bench(tasks, load_task(holdout) if holdout else None, settings, zoo_dir)
         finally:
             shutil.rmtree(zoo_dir.parent, ignore_errors=True)
     if scale:
-        result["scale"] = scale_bench(scale, seed=settings.seed, progress=progress)
+        result["scale"] = scale_bench(scale, seed=settings.seed)
 
 
 def summary_text(res: dict) -> str:

@@ -22,11 +22,12 @@ from pathlib import Path
 
 import torch
 
-from router.fusion import BASE, FusionExpert
-from tasks.harness import machine_info
-from tasks.spec import Split, TaskData
-from zoo.train import TrainSettings, fit
-from zoo.zoo import Zoo, accuracy
+from clipzoo.zoo.experts.fusion import BASE, FusionExpert
+from clipzoo.bench.harness import machine_info
+from clipzoo.tasks.spec import Split, TaskData
+from clipzoo.zoo.train import TrainSettings, fit
+from clipzoo.tasks.metrics import accuracy
+from clipzoo.zoo.zoo import Zoo
 
 MODES = ("top1", "avg", "fusion")
 
@@ -85,36 +86,36 @@ def _no_source_ablation(zoo: Zoo, td: TaskData, x_test: torch.Tensor, s: FusionB
     bb = zoo.backbone
     exp = FusionExpert({}, td.classes, td.templates, bb.class_embeddings(td.classes, td.templates), bb.logit_scale,
                        bb.fingerprint, include_base=True, seed=s.seed)
-    fit(exp, (zoo.features(td.train.images, progress=False),), torch.tensor(td.train.labels), s.train(), progress=False)
+    fit(exp, (zoo.features(td.train.images),), torch.tensor(td.train.labels), s.train())
     with torch.no_grad():
         return round(accuracy(exp(x_test).argmax(1), torch.tensor(td.test.labels)), 6)
 
 
 def run_fusion_bench(tasks: list[TaskData], new_task: TaskData, s: FusionBenchSettings = FusionBenchSettings(),
-                     out: Path | None = None, progress: bool = True, cache_root: Path | None = None) -> dict:
+                     out: Path | None = None) -> dict:
     """Run both comparisons; write ``report.json``, ``report.md`` and ``fusion_weights.png`` under ``out``."""
     t_start = time.perf_counter()
     zoo_dir = (out or Path(".")) / "zoo"
     if zoo_dir.exists():
         shutil.rmtree(zoo_dir)
-    zoo = Zoo.create(zoo_dir, cache_root=cache_root)
+    zoo = Zoo.create(zoo_dir)
     for t in tasks:
-        zoo.add_task(t, train=s.train(), progress=progress)
+        zoo.add_task(t, train=s.train())
     domains = zoo.names
-    feats = [zoo.features(t.test.images, f"encode {t.name}/test", progress) for t in tasks]
+    feats = [zoo.features(t.test.images, f"encode {t.name}/test") for t in tasks]
     t0 = time.perf_counter()
     zoo.global_fusion(s.top_k)
     fusion_seconds = time.perf_counter() - t0
     modes, weights = _mode_table(zoo, tasks, feats, s.top_k)
 
     few, source_weights = [], {}
-    x_new = zoo.features(new_task.test.images, f"encode {new_task.name}/test", progress)
+    x_new = zoo.features(new_task.test.images, f"encode {new_task.name}/test")
     for shots in s.shots:
         tag = f"{shots}shot" if shots is not None else "all"
         row = {"shots": shots if shots is not None else "all"}
         for kind in ("fusion", "clip-adapter"):
             td = few_shot(new_task, shots, s.seed, f"{new_task.name}-{tag}-{kind}")
-            rec = zoo.add_task(td, kind=kind, train=s.train(), progress=progress,
+            rec = zoo.add_task(td, kind=kind, train=s.train(),
                                sources=domains if kind == "fusion" else None)
             row[kind] = {"test_acc": rec["metrics"]["test_acc"], "trainable_params": rec["trainable_params"],
                          "add_seconds": rec["metrics"]["add_seconds"], "n_train": len(td.train)}

@@ -1,5 +1,5 @@
 """Cross-check rows: avalanche-lib's own Naive, EWC and LwF strategies on the same cached features
-and the same model (:class:`tasks.baselines.SharedAdapter` with the text-initialised heads).
+and the same model (:class:`clipzoo.bench.baselines.SharedAdapter` with the text-initialised heads).
 
 Only the training loop and regulariser are avalanche's: its strategy trains the model (AdamW at the
 benchmark's learning rate, no schedule, optimiser state carried across tasks as avalanche does),
@@ -17,8 +17,8 @@ import warnings
 
 import torch
 
-from tasks.baselines import Data, NaiveSequential, numel
-from zoo.train import TrainSettings
+from clipzoo.bench.baselines import Data, NaiveSequential, numel
+from clipzoo.zoo.train import TrainSettings
 
 
 class AvalancheStrategy(NaiveSequential):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import matplotlib
 
-from tasks.metrics import METRIC_KEYS
+from clipzoo.tasks.metrics import METRIC_KEYS
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402

@@ -1,7 +1,7 @@
-"""An expert: a stack of adapter modules on the frozen backbone, for one task's classes.
+"""The adapter-stack expert: one or more adapter kinds (``lora+prompt``) on the frozen backbone.
 
-Saved as ``config.json`` (the stack's configs, options, classes, prompts, backbone fingerprint)
-and ``weights.safetensors`` (the expert's own tensors only; never the backbone's).
+Its ``config.json`` adds the stack's adapter configs and options to the common fields
+(:mod:`clipzoo.zoo.experts.base`).
 
 Forward pass, in stack order: the image tower runs with every module's hooks (only when some
 module hooks it; else the cached frozen embedding is used), the classifier comes from a module's
@@ -12,23 +12,18 @@ zero-shot logits, ``kl_weight`` adds a consistency term during training (see :me
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from zoo import __version__
-from zoo.adapters import ADAPTERS, AdapterConfig, ExpertContext, parse_kinds
-from zoo.backbone import Backbone, prompt_texts
-from zoo.encoders import Hooks, encode_image, encode_text
-from zoo.errors import BackboneError, ConfigError
+from clipzoo.errors import ConfigError
+from clipzoo.zoo.adapters import ADAPTERS, AdapterConfig, ExpertContext, parse_kinds
+from clipzoo.zoo.backbone import Backbone, prompt_texts
+from clipzoo.zoo.encoders import Hooks, encode_image, encode_text
+from clipzoo.zoo.experts.base import BuildRequest, Expert, Sources, register_expert
 
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "weights.safetensors"
 OPTIONS_KEY = "expert"  # settings key for ExpertOptions, beside the kinds' keys (``--set expert.ensemble=0.2``)
 
 
@@ -56,21 +51,16 @@ class ExpertOptions:
         return opts
 
 
-class Expert(nn.Module):
+class StackExpert(Expert):
     """Adapters applied in stack order; logits = scale * adapted image feature @ adapted classifier."""
 
     def __init__(self, configs: list[AdapterConfig], classes: list[str], templates: list[str],
                  class_emb: torch.Tensor, logit_scale: float, backbone: Backbone,
                  options: ExpertOptions | None = None):
-        super().__init__()
+        super().__init__(classes, templates, class_emb, logit_scale, backbone.fingerprint)
         self.configs = configs
         self.options = options or ExpertOptions()
-        self.classes = list(classes)
-        self.templates = list(templates)
-        self.logit_scale = logit_scale
-        self.fingerprint = backbone.fingerprint
         self.backbone = backbone  # not an nn.Module: never in state_dict, never switched to train mode
-        self.register_buffer("class_emb", class_emb.detach().clone().float())
         ctx = ExpertContext(backbone, self.classes, self.templates, self.class_emb)
         for cfg in configs:
             cfg.validate(ctx)
@@ -128,10 +118,6 @@ class Expert(nn.Module):
             feats = m.adapt_image(feats) if hasattr(m, "adapt_image") else feats
         return feats
 
-    def zero_shot(self, feats: torch.Tensor) -> torch.Tensor:
-        """The frozen backbone's logits for frozen image embeddings ``(B, D)``."""
-        return self.logit_scale * feats @ self.class_emb.T
-
     def forward(self, feats: torch.Tensor, pixels: torch.Tensor | None = None) -> torch.Tensor:
         """Logits ``(B, C)`` from frozen image embeddings ``(B, D)`` (and pixels, for in-encoder kinds)."""
         logits = self.logit_scale * self.adapted_features(feats, pixels) @ self.class_weights().T
@@ -148,7 +134,7 @@ class Expert(nn.Module):
         return loss
 
     # ----- bookkeeping -----------------------------------------------------------------------
-    def train(self, mode: bool = True) -> "Expert":
+    def train(self, mode: bool = True) -> "StackExpert":
         self._classifier_cache = None
         return super().train(mode)
 
@@ -156,76 +142,31 @@ class Expert(nn.Module):
         self._classifier_cache = None
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
-    def trainable_params(self) -> int:
-        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+    # ----- building and saving (see experts.base) ------------------------------------------------
+    @classmethod
+    def build(cls, req: BuildRequest) -> "StackExpert":
+        """A fresh stack of ``req.kind`` (e.g. ``'lora+prompt'``). ``req.settings`` maps a kind (or
+        ``'expert'`` for :class:`ExpertOptions`) to its overrides, each checked against the backbone."""
+        if req.sources:
+            raise ConfigError(f"--from composes existing experts and needs --kind fusion, not {req.kind!r}")
+        kinds = parse_kinds(req.kind)
+        unknown = set(req.settings) - set(kinds) - {OPTIONS_KEY}
+        if unknown:
+            raise ConfigError(f"settings given for kinds not in the stack {req.kind!r}: {', '.join(sorted(unknown))}")
+        configs = [ADAPTERS[k][0].from_dict({**req.settings.get(k, {}), "kind": k}, strict=True) for k in kinds]
+        options = ExpertOptions.from_dict(req.settings.get(OPTIONS_KEY, {}))
+        bb = req.backbone
+        return cls(configs, req.classes, req.templates, bb.class_embeddings(req.classes, req.templates),
+                   bb.logit_scale, bb, options)
 
-    def save(self, folder: Path) -> list[str]:
-        """Write config and weights into ``folder``; return the file names written."""
-        folder.mkdir(parents=True, exist_ok=True)
-        cfg = {
-            "clipzoo_version": __version__,
-            "kind": self.kind,
-            "stack": [c.to_dict() for c in self.configs],
-            "options": asdict(self.options),
-            "classes": self.classes,
-            "templates": self.templates,
-            "logit_scale": self.logit_scale,
-            "backbone_fingerprint": self.fingerprint,
-        }
-        (folder / CONFIG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
-        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
-        save_file(state, str(folder / WEIGHTS_FILE), metadata={"format": "pt", "kind": self.kind})
-        return [CONFIG_FILE, WEIGHTS_FILE]
+    def _config(self) -> dict:
+        return {"stack": [c.to_dict() for c in self.configs], "options": asdict(self.options)}
 
-
-def build_expert(kind: str, backbone: Backbone, classes: list[str], templates: list[str],
-                 settings: dict | None = None) -> Expert:
-    """A fresh expert of stack ``kind`` (e.g. ``'lora+prompt'``).
-
-    ``settings`` maps a kind (or ``'expert'`` for :class:`ExpertOptions`) to its overrides; every
-    setting is checked against the backbone here, before any training.
-    """
-    settings = settings or {}
-    kinds = parse_kinds(kind)
-    unknown = set(settings) - set(kinds) - {OPTIONS_KEY}
-    if unknown:
-        raise ConfigError(f"settings given for kinds not in the stack {kind!r}: {', '.join(sorted(unknown))}")
-    configs = [ADAPTERS[k][0].from_dict({**settings.get(k, {}), "kind": k}, strict=True) for k in kinds]
-    options = ExpertOptions.from_dict(settings.get(OPTIONS_KEY, {}))
-    class_emb = backbone.class_embeddings(classes, templates)
-    return Expert(configs, classes, templates, class_emb, backbone.logit_scale, backbone, options)
+    @classmethod
+    def _from_config(cls, cfg: dict, state: dict[str, torch.Tensor], backbone: Backbone, zoo: Sources) -> "StackExpert":
+        configs = [ADAPTERS[c["kind"]][0].from_dict(c) for c in cfg["stack"] if parse_kinds(c["kind"])]
+        return cls(configs, cfg["classes"], cfg["templates"], state["class_emb"], cfg["logit_scale"], backbone,
+                   ExpertOptions.from_dict(cfg.get("options", {})))
 
 
-def load_expert(folder: Path, backbone: Backbone) -> Expert:
-    """Load an expert saved by :meth:`Expert.save`; refuses one trained on another backbone."""
-    cfg = json.loads((folder / CONFIG_FILE).read_text())
-    if cfg["backbone_fingerprint"] != backbone.fingerprint:
-        raise BackboneError(
-            f"expert in {folder.name} was trained on backbone {cfg['backbone_fingerprint'][:12]}, "
-            f"not on the loaded {backbone.fingerprint[:12]} ({backbone.spec}): open it with its own backbone"
-        )
-    configs = [ADAPTERS[c["kind"]][0].from_dict(c) for c in cfg["stack"] if parse_kinds(c["kind"])]
-    state = load_file(str(folder / WEIGHTS_FILE))
-    expert = Expert(configs, cfg["classes"], cfg["templates"], state["class_emb"], cfg["logit_scale"], backbone,
-                    ExpertOptions.from_dict(cfg.get("options", {})))
-    expert.load_state_dict(state, strict=True)
-    return expert.eval()
-
-
-def parse_settings(pairs: list[str] | tuple[str, ...]) -> dict:
-    """``['lora.rank=4', 'lora.targets=["q","v"]']`` -> ``{'lora': {'rank': 4, 'targets': ['q', 'v']}}``.
-
-    VALUE is read as JSON when it parses (numbers, true/false, lists), else kept as a string.
-    """
-    out: dict[str, dict] = {}
-    for pair in pairs:
-        key, eq, raw = pair.partition("=")
-        kind, dot, field_name = key.strip().partition(".")
-        if not eq or not dot or not kind or not field_name:
-            raise ConfigError(f"bad setting {pair!r}: use KIND.KEY=VALUE, e.g. lora.rank=8")
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        out.setdefault(kind, {})[field_name.strip()] = value
-    return out
+register_expert(StackExpert, default=True)

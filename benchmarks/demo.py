@@ -7,20 +7,21 @@ from pathlib import Path
 
 import click
 
-from tasks.data import builtin_domains, load_builtin, load_imagefolder, write_imagefolder
-from tasks.harness import BenchSettings, run_benchmark
-from tasks.report import markdown_table
+from clipzoo.tasks.data import builtin_domains, load_builtin, load_imagefolder, write_imagefolder
+from clipzoo.bench.harness import BenchSettings, run_benchmark
+from clipzoo.bench.report import markdown_table
 
 
-def run_demo(out: Path, progress: bool = True) -> dict:
+def run_demo(out: Path, verbose: bool = True) -> dict:
+    """Write the built-in domains as ImageFolders under ``out/data``, benchmark them, and (``verbose``) print the table."""
     data = out / "data"
     seq = []
     for d in builtin_domains():
         if not (data / d / "train").is_dir():
             write_imagefolder(load_builtin(d), data / d)
         seq.append(load_imagefolder(data / d))
-    res = run_benchmark(seq, BenchSettings(), out=out, progress=progress)
-    if progress:
+    res = run_benchmark(seq, BenchSettings(), out=out)
+    if verbose:
         click.echo(markdown_table(res))
         m = res["metrics"]
         click.echo(f"\nzoo: routing accuracy {m['routing_accuracy']:.3f}, task-agnostic {m['task_agnostic_acc']:.3f} "

@@ -1,0 +1,173 @@
+"""Leaf commands of the benchmark package (``clipzoo.bench``): bench, demo, bench-kinds,
+bench-router, bench-fusion, and the maintainers' pretrain-tiny."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from clipzoo.cli.options import emit, json_option
+
+
+@click.command()
+@click.argument("domains", nargs=-1)
+@click.option("--builtin", "builtin", type=click.Choice(["synthetic"]), default=None,
+              help="Use the built-in synthetic domains.")
+@click.option("--seed", default=0, show_default=True, type=int, help="First seed; also draws the task orders.")
+@click.option("--seeds", default=1, show_default=True, type=int, help="Seeds per order: SEED, SEED+1, ...")
+@click.option("--orders", default=1, show_default=True, type=int,
+              help="Task orders: the given one, then random permutations drawn with --seed.")
+@click.option("--epochs", default=20, show_default=True, type=int)
+@click.option("--lr", default=2e-3, show_default=True, type=float)
+@click.option("--kind", default="clip-adapter", show_default=True, help="The zoo's expert kind.")
+@click.option("--methods", default=None, help="Comma-separated baselines (default: zero-shot,naive,ewc,lwf,zscl,"
+              "joint, plus avalanche-naive,avalanche-ewc,avalanche-lwf when avalanche-lib is installed).")
+@click.option("--holdout", default=None, help="A domain kept out of training (a task name of the sequence, a "
+              "DIR or builtin:<domain>) to measure the zoo's OOD fallback.")
+@click.option("--resume", is_flag=True, help="Continue a crashed run in --out from its finished steps.")
+@click.option("--threads", default=1, show_default=True, type=int, help="torch threads for training and evaluation.")
+@click.option("--out", default="bench-out", show_default=True, type=click.Path(file_okay=False))
+@json_option
+def bench(domains: tuple[str, ...], builtin: str | None, seed: int, seeds: int, orders: int, epochs: int, lr: float,
+          kind: str, methods: str | None, holdout: str | None, resume: bool, threads: int, out: str,
+          as_json: bool) -> None:
+    """Forgetting benchmark: the zoo against baselines on one task sequence (ImageFolder DIRs in
+    order, a folder of such DIRs, or --builtin synthetic). Writes report.json, report.md and plots.
+
+    \b
+    Examples:
+      clipzoo bench data/mnist data/cifar10 data/gtsrb --out report/
+      clipzoo bench data/ --orders 3 --holdout skin_lesion --out report/
+      clipzoo bench data/ --out report/ --resume      # after a crash
+    """
+    from clipzoo.bench.harness import BenchSettings, default_methods, run_benchmark
+    from clipzoo.bench.report import markdown_table
+    from clipzoo.tasks.sequence import load_sequence, split_holdout
+
+    seq, held = split_holdout(load_sequence(list(domains), builtin), holdout)
+    chosen = [m.strip() for m in methods.split(",") if m.strip()] if methods else default_methods()
+    settings = BenchSettings(seed=seed, seeds=seeds, orders=orders, epochs=epochs, lr=lr, kind=kind, methods=chosen,
+                             threads=threads)
+    res = run_benchmark(seq, settings, out=Path(out), holdout=held, resume=resume)
+    emit(res, as_json, markdown_table(res) + f"\n\nreport written to {out}/ (report.md, report.json, *.png)")
+
+
+@click.command()
+@click.option("--out", default="demo-out", show_default=True, type=click.Path(file_okay=False))
+@json_option
+def demo(out: str, as_json: bool) -> None:
+    """A zoo over the built-in domains, a short benchmark, the table and the report."""
+    from clipzoo.bench.demo import run_demo
+
+    res = run_demo(Path(out), verbose=not as_json)
+    if as_json:
+        emit(res, True)
+
+
+@click.command("pretrain-tiny", hidden=True)
+@click.option("--out", default=None, help="Where to write the weights (default: the packaged asset).")
+@click.option("--config", default=None, help="open_clip model config JSON (default: the packaged clipzoo-tiny.json).")
+@click.option("--samples", default=36_000, show_default=True, type=int, help="Procedural image/caption pairs drawn.")
+@click.option("--epochs", default=6, show_default=True, type=int)
+@click.option("--seed", default=0, type=int)
+@json_option
+def pretrain_tiny(out: str | None, config: str | None, samples: int, epochs: int, seed: int, as_json: bool) -> None:
+    """Maintainers: re-create the embedded tiny CLIP's weights.
+
+    Example: clipzoo pretrain-tiny --config zoo/assets/clipzoo-tiny.json --out /tmp/tiny.safetensors
+    """
+    from clipzoo.zoo.backbone import EMBEDDED_WEIGHTS
+    from clipzoo.bench.pretrain_tiny import DEFAULT_CONFIG
+    from clipzoo.bench.pretrain_tiny import pretrain_tiny as run
+
+    path = run(Path(out) if out else EMBEDDED_WEIGHTS, Path(config) if config else DEFAULT_CONFIG,
+               n_samples=samples, epochs=epochs, seed=seed)
+    emit({"weights": str(path)}, as_json, str(path))
+
+
+@click.command("bench-fusion")
+@click.argument("domains", nargs=-1, required=True)
+@click.option("--new", "new_task", required=True, help="ImageFolder DIR of the new task learned few-shot.")
+@click.option("--shots", default="4,16,all", show_default=True, help="Training images per class of the new task.")
+@click.option("--top-k", default=2, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--epochs", default=20, show_default=True, type=int)
+@click.option("--out", default="bench-fusion-out", show_default=True, type=click.Path(file_okay=False))
+@json_option
+def bench_fusion(domains: tuple[str, ...], new_task: str, shots: str, top_k: int, seed: int, epochs: int, out: str,
+                 as_json: bool) -> None:
+    """Top-1 routing vs top-k averaging vs top-k fusion, and fusion-composed vs fresh experts few-shot.
+
+    \b
+    Example: clipzoo bench-fusion data/mnist data/fashion_mnist data/cifar10 data/gtsrb --new data/flowers
+    """
+    from clipzoo.tasks.data import load_imagefolder
+    from clipzoo.bench.fusion import FusionBenchSettings, markdown_tables, run_fusion_bench
+    from clipzoo.errors import ConfigError
+
+    try:
+        shot_list = [None if v.strip() == "all" else int(v) for v in shots.split(",")]
+    except ValueError:
+        raise ConfigError(f"bad --shots {shots!r}: use numbers and 'all', e.g. 4,16,all") from None
+    if len(domains) < 2 or any(v is not None and v < 1 for v in shot_list):
+        raise ConfigError("bench-fusion needs at least 2 DOMAIN_DIRs and --shots values >= 1 (or 'all')")
+    s = FusionBenchSettings(top_k=top_k, shots=shot_list, seed=seed, epochs=epochs)
+    res = run_fusion_bench([load_imagefolder(d) for d in domains], load_imagefolder(new_task), s, out=Path(out))
+    emit(res, as_json, markdown_tables(res) + f"\n\nreport written to {out}/")
+
+
+@click.command("bench-kinds")
+@click.argument("domains", nargs=-1, required=True)
+@click.option("--methods", default=None, help="Comma-separated kinds or '+' stacks (default: every kind and two stacks).")
+@click.option("--epochs", default=None, type=int, help="The same for every kind (default: each kind's own).")
+@click.option("--lr", default=None, type=float, help="The same for every kind (default: each kind's own).")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--repeats", default=7, show_default=True, type=int, help="Latency repeats (median).")
+@click.option("--batch", default=128, show_default=True, type=int, help="Latency batch size.")
+@click.option("--out", default="bench-kinds", show_default=True, type=click.Path(file_okay=False))
+@json_option
+def bench_kinds(domains: tuple[str, ...], methods: str | None, epochs: int | None, lr: float | None, seed: int,
+                repeats: int, batch: int, out: str, as_json: bool) -> None:
+    """Expert kinds side by side on DOMAINS (DIRs or builtin:<domain>): accuracy, trainable
+    parameters, training time and inference overhead versus the frozen backbone, in one run.
+
+    \b
+    Example: clipzoo bench-kinds data/mnist data/cifar10 --out bench-kinds/
+    """
+    from clipzoo.bench.kinds import METHODS, run_kinds_bench
+
+    kinds = methods.split(",") if methods else METHODS
+    res = run_kinds_bench(list(domains), kinds, epochs, lr, seed, repeats, batch, out=Path(out),
+                          echo=(lambda line: None) if as_json else click.echo)
+    emit(res, as_json, f"wrote {Path(out) / 'kinds.md'}")
+
+
+@click.command("bench-router")
+@click.argument("domains", nargs=-1)
+@click.option("--holdout", default=None, help="A domain never learned: OOD AUROC and fallback rates on it.")
+@click.option("--scale", default=0, show_default=True, type=int,
+              help="Also time the router update per added task up to N synthetic tasks (0: skip).")
+@click.option("--epochs", default=20, show_default=True, type=int, help="Expert training epochs per domain.")
+@click.option("--exemplars", default=0, show_default=True, type=int,
+              help="Also run a learned router keeping this many real features per task (0: off).")
+@click.option("--ood-quantile", default=0.99, show_default=True, type=float,
+              help="Held-out in-distribution quantile that sets the fallback threshold.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--out", default=None, type=click.Path(file_okay=False), help="Write router-bench.json here.")
+@json_option
+def bench_router(domains: tuple[str, ...], holdout: str | None, scale: int, epochs: int, exemplars: int,
+                 ood_quantile: float, seed: int, out: str | None, as_json: bool) -> None:
+    """Learned router vs nearest-statistics routing over DOMAINS learned in order (DIRs or
+    builtin:<domain>): routing, task-agnostic and oracle accuracy per step; OOD fallback on a
+    held-out domain; update cost as experts grow (synthetic tasks).
+
+    \b
+    Example: clipzoo bench-router data/mnist data/fashion_mnist data/cifar10 data/gtsrb data/rsscn7 \\
+               --holdout data/flowers --scale 32 --out router-report/
+    """
+    from clipzoo.bench.router import RouterBenchSettings, run_router_bench, summary_text
+
+    s = RouterBenchSettings(epochs=epochs, seed=seed, exemplars=exemplars, ood_quantile=ood_quantile)
+    res = run_router_bench(list(domains), holdout, scale, s, Path(out) if out else None)
+    emit(res, as_json, summary_text(res))

@@ -1,0 +1,147 @@
+"""Leaf commands that create and change a zoo: init, add-task, list, remove, verify, router."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from clipzoo.cli.options import emit, json_option, zoo_option
+
+
+@click.command()
+@zoo_option
+@click.option("--backbone", default="clipzoo-tiny", show_default=True,
+              help="open_clip model name (ViT-B-32, ...) or hf-hub:org/repo.")
+@click.option("--pretrained", default=None, help="Pretrained tag (laion2b_s34b_b79k) or checkpoint file; "
+              "'embedded' for the built-in tiny CLIP (the default for clipzoo-tiny).")
+@json_option
+def init(zoo_dir: str, backbone: str, pretrained: str | None, as_json: bool) -> None:
+    """Create an empty zoo on a frozen backbone.
+
+    \b
+    Example: clipzoo init --zoo myzoo --backbone ViT-B-32 --pretrained laion2b_s34b_b79k
+    """
+    from clipzoo.zoo.backbone import EMBEDDED, TINY_MODEL, BackboneSpec
+    from clipzoo.zoo.zoo import Zoo
+
+    if pretrained is None and backbone == TINY_MODEL:
+        pretrained = EMBEDDED
+    z = Zoo.create(zoo_dir, BackboneSpec(backbone, pretrained))
+    bb = z.registry["backbone"]
+    emit({"zoo": str(z.root), "backbone": bb}, as_json,
+           f"created zoo {z.root} on {backbone} ({bb['params']:,} frozen parameters, fingerprint {bb['fingerprint'][:12]})")
+
+
+@click.command("add-task")
+@zoo_option
+@click.option("--name", required=True, help="Task name (letters, digits, _ - .).")
+@click.option("--data", required=True, help="ImageFolder DIR (DIR/train/<class>/*, DIR/test/<class>/*) or builtin:<domain>.")
+@click.option("--kind", default="clip-adapter", show_default=True, help="Expert kind, or a stack joined by '+'.")
+@click.option("--epochs", default=None, type=int,
+              help="Training epochs [default: 20; 10 when the stack works inside an encoder: vit-adapter, vl-adapter, lora].")
+@click.option("--lr", default=None, type=float, help="Learning rate [default: 2e-3; 5e-3 inside an encoder].")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--set", "set_", multiple=True, metavar="KIND.KEY=VALUE",
+              help="A setting of one kind in the stack (VALUE is JSON or a word), or expert.kl_weight / "
+                   "expert.ensemble for the whole stack; repeatable.")
+@click.option("--from", "sources", default=None, help="With --kind fusion: experts to compose, A,B,... (default: all).")
+@json_option
+def add_task(zoo_dir: str, name: str, data: str, kind: str, epochs: int | None, lr: float | None, seed: int,
+             set_: tuple[str, ...], sources: str | None, as_json: bool) -> None:
+    """Train a new expert for a task; other experts are never touched.
+
+    \b
+    Example: clipzoo add-task --zoo myzoo --name mnist --data data/mnist --epochs 30
+    Example: clipzoo add-task --zoo myzoo --name cifar --data data/cifar10 --kind lora+prompt \\
+               --set lora.rank=4 --set lora.blocks=[1,2] --set expert.kl_weight=1.0
+    Compose existing experts (trains only a fusion layer and a head):
+      clipzoo add-task --zoo myzoo --name flowers --data data/flowers --kind fusion --from mnist,cifar
+    """
+    from clipzoo.zoo.experts import parse_settings
+    from clipzoo.zoo.train import TrainSettings, train_defaults
+    from clipzoo.zoo.zoo import Zoo
+
+    z = Zoo.open(zoo_dir)
+    defaults = train_defaults(kind)
+    epochs = defaults["epochs"] if epochs is None else epochs
+    lr = defaults["lr"] if lr is None else lr
+    rec = z.add_task(data, name=name, kind=kind, settings=parse_settings(set_),
+                     train=TrainSettings(epochs=epochs, lr=lr, seed=seed),
+                     sources=[s.strip() for s in sources.split(",") if s.strip()] if sources else None)
+    m = rec["metrics"]
+    text = (f"added {name} ({rec['kind']}, {len(rec['classes'])} classes, {rec['trainable_params']:,} trainable "
+            f"params = {100 * rec['trainable_share']:.2f}% of the backbone) in {m['add_seconds']:.1f}s; "
+            f"test acc {m.get('test_acc', float('nan')):.3f} (zero-shot {m.get('zero_shot_acc', float('nan')):.3f})")
+    emit(rec, as_json, text)
+
+
+@click.command("list")
+@zoo_option
+@json_option
+def list_(zoo_dir: str, as_json: bool) -> None:
+    """List the zoo's experts."""
+    from clipzoo.zoo.zoo import Zoo
+
+    recs = Zoo.open(zoo_dir).records()
+    lines = [f"{r['name']:<20} {r['kind']:<16} {len(r['classes']):>3} classes  {r['trainable_params']:>9,} params  "
+             f"test acc {r['metrics'].get('test_acc', float('nan')):.3f}  {r['sha256'][:12]}" for r in recs]
+    emit(recs, as_json, "\n".join(lines) or "(no experts)")
+
+
+@click.command()
+@zoo_option
+@click.option("--name", required=True)
+@click.option("--cascade", is_flag=True, help="Also remove the fusion experts composed from it.")
+@json_option
+def remove(zoo_dir: str, name: str, cascade: bool, as_json: bool) -> None:
+    """Remove an expert (and its files) from the zoo.
+
+    \b
+    Example: clipzoo remove --zoo myzoo --name mnist --cascade
+    """
+    from clipzoo.zoo.zoo import Zoo
+
+    users = Zoo.open(zoo_dir).remove(name, cascade=cascade)[:-1]
+    also = f" and the fusion experts composed from it: {', '.join(users)}" if users else ""
+    emit({"removed": name, "cascaded": users}, as_json, f"removed {name}{also}")
+
+
+@click.command()
+@zoo_option
+@json_option
+def verify(zoo_dir: str, as_json: bool) -> None:
+    """Recompute every file's sha256; exit 1 on any mismatch."""
+    from clipzoo.zoo.zoo import Zoo
+
+    rep = Zoo.open(zoo_dir).verify()
+    emit(rep, as_json, "ok: all hashes match" if rep["ok"] else "FAILED:\n" + "\n".join(rep["problems"]))
+    if not rep["ok"]:
+        sys.exit(1)
+
+
+@click.command("router")
+@zoo_option
+@click.option("--kind", type=click.Choice(["learned", "nearest-stats"]), default=None,
+              help="Switch the routing policy (rebuilds the router from the stored statistics).")
+@click.option("--ood-quantile", default=None, type=float,
+              help="In-distribution quantile that sets the zero-shot fallback threshold (e.g. 0.99).")
+@click.option("--rebuild", is_flag=True, help="Retrain the router from every task's statistics.")
+@json_option
+def router_cmd(zoo_dir: str, kind: str | None, ood_quantile: float | None, rebuild: bool, as_json: bool) -> None:
+    """Show the zoo's router, or change it (a new router version; experts are never touched).
+
+    \b
+    Example: clipzoo router --zoo myzoo
+             clipzoo router --zoo myzoo --kind nearest-stats --ood-quantile 0.995
+    """
+    from clipzoo.zoo.zoo import Zoo
+
+    z = Zoo.open(zoo_dir)
+    if kind or ood_quantile is not None or rebuild:
+        z.refresh_router(kind=kind, ood_quantile=ood_quantile)
+    spec = dict(z.registry["router"])
+    info = {**spec, "experts": z.names}
+    text = (f"router {spec['kind']} v{spec['version']} over {len(z.names)} experts"
+            f" ({', '.join(z.names) or 'none'}); files: {', '.join(sorted(spec['files'])) or 'none'}")
+    emit(info, as_json, text)

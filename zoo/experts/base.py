@@ -1,0 +1,206 @@
+"""What every expert is, and its one save/load (``save_pretrained`` / ``from_pretrained``).
+
+An expert answers one task's classes on the frozen backbone. On disk it is a folder with two
+fixed files: ``config.json`` (the fields every expert has, plus its kind's own, through
+:meth:`Expert._config`) and ``weights.safetensors`` (its own tensors only, never the
+backbone's). Loading reads the config, refuses another backbone, builds the kind's module
+(:meth:`Expert._from_config`) and loads the weights with ``strict=True``. Kinds register
+themselves (:func:`register_expert`) at the end of their module, and :func:`expert_type` finds
+the class for a kind string, so no caller branches on kinds.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Sequence
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from clipzoo import __version__
+from clipzoo.errors import BackboneError, ConfigError
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "weights.safetensors"
+
+
+def _no_source(name: str):
+    raise ConfigError(f"expert {name!r} is not available here: composed experts are built and loaded inside a zoo")
+
+
+@dataclass
+class Sources:
+    """The zoo's other experts, as a composed expert may read them while it is built or loaded."""
+
+    names: Sequence[str] = ()
+    get: Callable[[str], "Expert"] = _no_source  # a loaded expert by name
+    sha256: Callable[[str], str] = _no_source  # an expert's weights hash by name
+
+
+@dataclass
+class BuildRequest:
+    """Everything a kind needs to build a fresh expert for a task."""
+
+    kind: str
+    backbone: Any  # clipzoo.zoo.backbone.Backbone
+    classes: list[str]
+    templates: list[str]
+    settings: dict = field(default_factory=dict)  # kind -> {key: value}, as parse_settings gives
+    sources: list[str] | None = None  # experts to compose (composed kinds only)
+    zoo: Sources = field(default_factory=Sources)
+    seed: int = 0
+
+
+class Expert(nn.Module):
+    """Base of every expert kind: logits ``(B, C)`` from frozen image embeddings ``(B, D)``."""
+
+    composed: ClassVar[bool] = False  # True for kinds built over other experts (see source_weights)
+
+    def __init__(self, classes: list[str], templates: list[str], class_emb: torch.Tensor, logit_scale: float,
+                 fingerprint: str):
+        super().__init__()
+        self.classes = list(classes)
+        self.templates = list(templates)
+        self.logit_scale = logit_scale
+        self.fingerprint = fingerprint
+        self.register_buffer("class_emb", class_emb.detach().clone().float())  # frozen zero-shot classifier
+
+    # ----- what a kind defines --------------------------------------------------------------------
+    @classmethod
+    def accepts(cls, kind: str) -> bool:
+        """True when this class builds experts of ``kind`` (a kind string as the user gives it)."""
+        return False
+
+    @classmethod
+    def build(cls, req: BuildRequest) -> "Expert":
+        """A fresh expert (the identity on the frozen backbone) for ``req``; settings checked here."""
+        raise NotImplementedError
+
+    def _config(self) -> dict:
+        """The kind's own fields of ``config.json``."""
+        raise NotImplementedError
+
+    @classmethod
+    def _from_config(cls, cfg: dict, state: dict[str, torch.Tensor], backbone, zoo: Sources) -> "Expert":
+        """An expert of this kind with the saved config (weights are loaded after)."""
+        raise NotImplementedError
+
+    @property
+    def kind(self) -> str:
+        raise NotImplementedError
+
+    # ----- shared behaviour -------------------------------------------------------------------------
+    @property
+    def needs_pixels(self) -> bool:
+        """True when the expert works inside the image encoder, so cached features are not enough."""
+        return False
+
+    def adapted_features(self, feats: torch.Tensor, pixels: torch.Tensor | None = None) -> torch.Tensor:
+        """The adapted unit-norm image embedding ``(B, D)``."""
+        raise NotImplementedError
+
+    def class_weights(self) -> torch.Tensor:
+        """The adapted classifier ``(C, D)``."""
+        raise NotImplementedError
+
+    def forward(self, feats: torch.Tensor, pixels: torch.Tensor | None = None) -> torch.Tensor:
+        return self.logit_scale * self.adapted_features(feats, pixels) @ self.class_weights().T
+
+    def zero_shot(self, feats: torch.Tensor) -> torch.Tensor:
+        """The frozen backbone's logits for frozen image embeddings ``(B, D)``."""
+        return self.logit_scale * feats @ self.class_emb.T
+
+    def criterion(self, logits: torch.Tensor, inputs: tuple[torch.Tensor, ...], labels: torch.Tensor) -> torch.Tensor:
+        """The training loss (cross-entropy unless a kind adds to it)."""
+        return F.cross_entropy(logits, labels)
+
+    def record_fields(self) -> dict:
+        """Extra fields of this expert's registry record (a composed expert lists its sources)."""
+        return {}
+
+    def source_weights(self, feats: torch.Tensor, pixels: torch.Tensor | None = None) -> list[dict]:
+        """Per input, the weight given to each source expert (composed kinds only)."""
+        raise NotImplementedError
+
+    def trainable_params(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    # ----- the one save / load ----------------------------------------------------------------------
+    def save_pretrained(self, folder: Path) -> list[str]:
+        """Write ``config.json`` and ``weights.safetensors`` into ``folder``; return their names."""
+        folder.mkdir(parents=True, exist_ok=True)
+        cfg = {"clipzoo_version": __version__, "kind": self.kind, **self._config(), "classes": self.classes,
+               "templates": self.templates, "logit_scale": self.logit_scale, "backbone_fingerprint": self.fingerprint}
+        (folder / CONFIG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
+        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        save_file(state, str(folder / WEIGHTS_FILE), metadata={"format": "pt", "kind": self.kind})
+        return [CONFIG_FILE, WEIGHTS_FILE]
+
+    @classmethod
+    def from_pretrained(cls, folder: Path, backbone, zoo: Sources | None = None) -> "Expert":
+        """Load an expert saved by :meth:`save_pretrained`; refuses one trained on another backbone."""
+        cfg = json.loads((folder / CONFIG_FILE).read_text())
+        if cfg["backbone_fingerprint"] != backbone.fingerprint:
+            raise BackboneError(
+                f"expert in {folder.name} was trained on backbone {cfg['backbone_fingerprint'][:12]}, "
+                f"not on the loaded {backbone.fingerprint[:12]} ({backbone.spec}): open it with its own backbone")
+        state = load_file(str(folder / WEIGHTS_FILE))
+        expert = expert_type(cfg["kind"])._from_config(cfg, state, backbone, zoo or Sources())
+        expert.load_state_dict(state, strict=True)
+        return expert.eval()
+
+
+EXPERT_TYPES: list[type[Expert]] = []
+_DEFAULT: list[type[Expert]] = []
+
+
+def register_expert(cls: type[Expert], default: bool = False) -> None:
+    """Make ``cls`` buildable and loadable by kind; each kind module calls this once. The
+    ``default`` class (the adapter stack) takes every kind no other class accepts, so its own
+    parser names an unknown kind and the choices."""
+    if cls in EXPERT_TYPES:
+        raise ConfigError(f"expert type {cls.__name__} is already registered")
+    EXPERT_TYPES.append(cls)
+    if default:
+        _DEFAULT[:] = [cls]
+
+
+def expert_type(kind: str) -> type[Expert]:
+    """The registered class that builds and loads experts of ``kind``."""
+    return next((cls for cls in EXPERT_TYPES if cls.accepts(kind)), _DEFAULT[0])
+
+
+def build_expert(kind: str, backbone, classes: list[str], templates: list[str], settings: dict | None = None, *,
+                 sources: list[str] | None = None, zoo: Sources | None = None, seed: int = 0) -> Expert:
+    """A fresh expert of ``kind`` (an adapter stack such as ``'lora+prompt'``, or ``'fusion'``)."""
+    req = BuildRequest(kind, backbone, list(classes), list(templates), dict(settings or {}), sources,
+                       zoo or Sources(), seed)
+    return expert_type(kind).build(req)
+
+
+def load_expert(folder: Path, backbone, zoo: Sources | None = None) -> Expert:
+    """Load any expert kind from its folder (see :meth:`Expert.from_pretrained`)."""
+    return Expert.from_pretrained(folder, backbone, zoo)
+
+
+def parse_settings(pairs: list[str] | tuple[str, ...]) -> dict:
+    """``['lora.rank=4', 'lora.targets=["q","v"]']`` -> ``{'lora': {'rank': 4, 'targets': ['q', 'v']}}``.
+
+    VALUE is read as JSON when it parses (numbers, true/false, lists), else kept as a string.
+    """
+    out: dict[str, dict] = {}
+    for pair in pairs:
+        key, eq, raw = pair.partition("=")
+        kind, dot, field_name = key.strip().partition(".")
+        if not eq or not dot or not kind or not field_name:
+            raise ConfigError(f"bad setting {pair!r}: use KIND.KEY=VALUE, e.g. lora.rank=8")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        out.setdefault(kind, {})[field_name.strip()] = value
+    return out

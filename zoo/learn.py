@@ -1,0 +1,92 @@
+"""Adding a task: build a fresh expert, fit it on cached frozen features, score it, commit it.
+
+:class:`Learner` is the part of :class:`clipzoo.zoo.zoo.Zoo` that trains; it works on a
+:class:`clipzoo.zoo.store.Store` and never touches an existing expert's files.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from clipzoo.errors import ConfigError, RegistryError
+from clipzoo.router.stats import compute_stats
+from clipzoo.tasks.data import load_task
+from clipzoo.tasks.metrics import accuracy
+from clipzoo.tasks.spec import TaskData, check_name
+from clipzoo.zoo import registry
+from clipzoo.zoo.experts import Expert, build_expert
+from clipzoo.zoo.train import TrainSettings, fit
+
+
+class Learner:
+    """``add_task`` for a :class:`clipzoo.zoo.store.Store` (mixed into ``Zoo``)."""
+
+    def add_task(self, data: TaskData | str | Path, name: str | None = None, kind: str = "clip-adapter",
+                 settings: dict | None = None, train: TrainSettings = TrainSettings(),
+                 sources: Sequence[str] | None = None) -> dict:
+        """Train a fresh expert for a new task and commit it atomically; other experts are untouched.
+
+        Any failure (bad data, bad settings, an interrupted write) leaves the zoo as it was.
+        ``kind='fusion'`` composes existing experts (``sources``, default all) instead.
+        """
+        t0 = time.perf_counter()
+        task = data if isinstance(data, TaskData) else load_task(data, name=name)
+        name = check_name(name or task.name)
+        if name in self.registry["experts"]:
+            raise RegistryError(f"task {name!r} already exists in {self.root}: choose another --name or remove it first")
+        if train.epochs < 1 or train.batch_size < 1 or train.lr <= 0:
+            raise ConfigError("epochs and batch size must be >= 1 and lr > 0")
+        expert = build_expert(kind, self.backbone, task.classes, task.templates, settings,
+                              sources=list(sources) if sources else None, zoo=self.sources(), seed=train.seed)
+        return self._train_and_commit(expert, task, name, train, settings, t0)
+
+    def _train_and_commit(self, expert: Expert, task: TaskData, name: str, train: TrainSettings,
+                          settings: dict | None, t0: float) -> dict:
+        """Fit ``expert`` on the task's cached features, score it on the test split, stage its files
+        with their stats and commit it atomically. Returns the registry record."""
+        x_train = self.features(task.train.images, f"encode {name}/train")
+        y_train = torch.tensor(task.train.labels)
+        inputs = (x_train, self.pixels(task.train.images)) if expert.needs_pixels else (x_train,)
+        history = fit(expert, inputs, y_train, train, desc=f"train {name}", criterion=expert.criterion)
+        metrics = {k: round(v, 6) for k, v in history.items()}
+        if len(task.test):
+            x_test = self.features(task.test.images, f"encode {name}/test")
+            test_in = (x_test, self.pixels(task.test.images)) if expert.needs_pixels else (x_test,)
+            y_test = torch.tensor(task.test.labels)
+            with torch.no_grad():
+                metrics["test_acc"] = round(accuracy(expert(*test_in).argmax(1), y_test), 6)
+                metrics["zero_shot_acc"] = round(accuracy(expert.zero_shot(x_test).argmax(1), y_test), 6)
+        n_params = expert.trainable_params()
+        record = {
+            "name": name,
+            "kind": expert.kind,
+            **expert.record_fields(),
+            "classes": task.classes,
+            "templates": task.templates,
+            "files": {},
+            "sha256": "",
+            "trainable_params": n_params,
+            "trainable_share": n_params / self.backbone.num_params,
+            "training": {**train.to_dict(), "data": task.source, "n_train": len(task.train),
+                         "n_test": len(task.test), "settings": settings or {}},
+            "metrics": metrics,
+            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+        staging = self.root / f".staging-{uuid.uuid4().hex}"
+        try:
+            written = expert.save_pretrained(staging) + [compute_stats(x_train, y_train, len(task.classes)).save(staging)]
+            record["files"] = {f: registry.sha256_file(staging / f) for f in written}
+            record["sha256"] = record["files"]["weights.safetensors"]
+            record["metrics"]["add_seconds"] = round(time.perf_counter() - t0, 3)
+            self.commit_expert(name, staging, record)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        self._experts[name] = (record["sha256"], expert.eval())
+        return record

@@ -1,0 +1,232 @@
+"""Answering with a zoo: route each input, run each chosen expert once on its inputs, fall back
+to zero-shot CLIP for inputs of no known task, or combine the routed top-k (average or fusion).
+
+:class:`Predictor` is the part of :class:`clipzoo.zoo.zoo.Zoo` that answers; it only reads the
+:class:`clipzoo.zoo.store.Store`. The zoo-wide fusion layer (:class:`clipzoo.router.fusion.GlobalFusion`)
+is a deterministic function of the experts' files, ``k`` and its settings, so it is cached under
+the cache root (never inside the zoo) by :func:`load_or_train_global`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from safetensors.torch import load, save
+
+from clipzoo.errors import ConfigError, RegistryError
+from clipzoo.router.fusion import (FORMAT_VERSION, MODES, FusionSettings, GlobalFusion, average_predict,
+                                   train_global_fusion)
+from clipzoo.router.gate import Routing
+from clipzoo.runtime import cache_root
+from clipzoo.tasks.data import load_task
+from clipzoo.tasks.spec import DEFAULT_TEMPLATES, ImageSource, TaskData
+from clipzoo.zoo.registry import atomic_write_bytes
+
+PixelFn = Callable[[list[int]], torch.Tensor]
+
+
+def fusion_key(records: dict[str, dict], router: dict, top_k: int, s: FusionSettings) -> str:
+    """Identifies a global fusion: every expert's weights hash, the router, ``k`` and the settings."""
+    blob = json.dumps({"experts": sorted((n, r["sha256"]) for n, r in records.items()), "router": router, "k": top_k,
+                       "settings": asdict(s), "version": FORMAT_VERSION}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def load_or_train_global(cache_dir: Path, key: str, dim: int, train: Callable[[], tuple[GlobalFusion, dict]]
+                         ) -> tuple[GlobalFusion, dict]:
+    """The cached global fusion for ``key``, or a new one trained and written atomically."""
+    path = cache_dir / f"{key}.safetensors"
+    if path.is_file():
+        model = GlobalFusion(dim)
+        try:
+            model.load_state_dict(load(path.read_bytes()), strict=True)
+            return model.eval(), {"cached": True}
+        except (RuntimeError, ValueError, OSError):  # a damaged cache file: train it again
+            pass
+    model, info = train()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    atomic_write_bytes(path, save(state, metadata={"info": json.dumps(info)}))
+    return model, {**info, "cached": False}
+
+
+class Predictor:
+    """Routing, prediction, fallback, fusion and evaluation over a store (mixed into ``Zoo``)."""
+
+    fusion_settings: FusionSettings = FusionSettings()  # frozen; assign another to an instance to change it
+
+    def __init__(self) -> None:
+        self.fusion_info: dict = {}  # how the last global fusion was obtained (trained: loss, samples; or cached)
+        self._fusions: dict[str, GlobalFusion] = {}
+        self._zero_shot_emb: dict[tuple[str, ...], torch.Tensor] = {}
+
+    def _require_experts(self) -> None:
+        if not self.names:
+            raise RegistryError(f"the zoo at {self.root} has no experts yet: add one with 'clipzoo add-task'")
+
+    def route(self, feats: torch.Tensor, top_k: int = 1) -> Routing:
+        self._require_experts()
+        return self.router().route(feats, top_k)
+
+    def predict(self, images: Sequence[ImageSource], task: str | None = None, top_k: int = 1,
+                mode: str = "top1", fallback: bool = True, classes: Sequence[str] | None = None) -> list[dict]:
+        """Answers for images (paths or PIL images), routed unless ``task`` is given; see
+        :meth:`predict_features` and :meth:`predict_fused` for the keys."""
+        self._require_experts()
+        if task is not None:
+            self.record(task)
+        feats = self.features(images, "encode")
+        pixels = lambda idx: self.pixels([images[i] for i in idx])  # noqa: E731
+        preds = self.predict_features(feats, task, top_k, pixels=pixels, mode=mode, fallback=fallback, classes=classes)
+        self._add_source_weights(feats, preds, pixels)
+        for i, (img, p) in enumerate(zip(images, preds)):
+            p["path"] = str(img) if isinstance(img, (str, Path)) else f"<image {i}>"
+        return [{"path": p.pop("path"), **p} for p in preds]
+
+    def predict_features(self, feats: torch.Tensor, task: str | None = None, top_k: int = 1,
+                         pixels: PixelFn | None = None, mode: str = "top1",
+                         fallback: bool = True, classes: Sequence[str] | None = None) -> list[dict]:
+        """Predictions for frozen features; each input runs only through its chosen expert
+        (inputs grouped by expert). ``pixels(indices)`` supplies preprocessed pixels for experts
+        that work inside the encoder. ``mode`` 'avg' / 'fusion' combine the routed top-k
+        (:meth:`predict_fused`); a given ``task`` ignores it.
+
+        Routed inputs that belong to no known task (calibrated OOD score > 0) are answered by
+        zero-shot CLIP over ``classes`` (default: every expert's classes) with ``task`` None and
+        ``fallback`` True, unless ``fallback=False``. Each answer has task, label, score, routing
+        (top-k weights), fallback, and ``ood_score`` when routed."""
+        if mode != "top1" and task is None:
+            return self.predict_fused(feats, top_k, pixels, mode, fallback, classes)
+        if task is not None:
+            self.record(task)
+            chosen = [task] * len(feats)
+            routing = [{task: 1.0}] * len(feats)
+            fell, ood = [False] * len(feats), None
+        else:
+            r = self.route(feats, top_k)
+            chosen = [r.names[int(i)] for i in r.indices[:, 0]]
+            routing = r.as_dicts()
+            fell, ood = (r.fallback.tolist() if fallback else [False] * len(feats)), r.ood_score
+        out: list[dict] = [{"routing": routing[i]} for i in range(len(feats))]
+        for name in dict.fromkeys(c for c, f in zip(chosen, fell) if not f):
+            idx = [i for i, c in enumerate(chosen) if c == name and not fell[i]]
+            exp = self.expert(name)
+            if exp.needs_pixels and pixels is None:
+                raise ConfigError(f"expert {name!r} ({exp.kind}) needs images, not only cached features")
+            args = (feats[idx], pixels(idx)) if exp.needs_pixels else (feats[idx],)
+            with torch.no_grad():
+                probs = exp(*args).softmax(1)
+            score, label = probs.max(1)
+            for j, i in enumerate(idx):
+                out[i] = {"task": name, "label": exp.classes[int(label[j])], "score": round(float(score[j]), 6),
+                          "routing": routing[i], "fallback": False}
+        return self._fall_back(out, feats, fell, ood, classes)
+
+    def _fall_back(self, preds: list[dict], feats: torch.Tensor, fell: list[bool], ood: torch.Tensor | None,
+                   classes: Sequence[str] | None) -> list[dict]:
+        """Answer the inputs marked in ``fell`` with zero-shot CLIP (task None, fallback True) and
+        add each input's ``ood_score`` when routed."""
+        idx = [i for i, f in enumerate(fell) if f]
+        if idx:
+            names, probs = self.zero_shot(feats[idx], classes)
+            score, label = probs.max(1)
+            for j, i in enumerate(idx):
+                preds[i].update(task=None, label=names[int(label[j])], score=round(float(score[j]), 6), fallback=True)
+        for p, o in zip(preds, ood.tolist() if ood is not None else []):
+            p["ood_score"] = round(o, 4)
+        return preds
+
+    def zero_shot(self, feats: torch.Tensor, classes: Sequence[str] | None = None) -> tuple[list[str], torch.Tensor]:
+        """Zero-shot CLIP over ``classes`` (default: every expert's classes, each once): the class
+        names and probabilities ``(B, C)``."""
+        names = list(dict.fromkeys(classes if classes is not None else
+                                   [c for rec in self.registry["experts"].values() for c in rec["classes"]]))
+        if not names or not all(isinstance(c, str) and c.strip() for c in names):
+            raise ConfigError("zero-shot fallback needs non-empty class names: pass classes (--classes a,b,c)")
+        bb = self.backbone
+        key = tuple(names)
+        if key not in self._zero_shot_emb:  # the text tower runs once per class list, not per call
+            self._zero_shot_emb[key] = bb.class_embeddings(names, DEFAULT_TEMPLATES)
+        emb = self._zero_shot_emb[key]
+        with torch.no_grad():
+            probs = (bb.logit_scale * torch.nn.functional.normalize(feats.float(), dim=-1) @ emb.T).softmax(1)
+        return names, probs
+
+    def evaluate(self, data: TaskData | str | Path, task: str | None = None) -> dict:
+        """Accuracy on a task's test split: with ``task`` given (oracle) or routed.
+
+        Routed, a prediction counts only if it names the right class *and* went to the data's own
+        task, when that task is known (an expert of the same name, or of the same class list).
+        """
+        td = data if isinstance(data, TaskData) else load_task(data)
+        feats = self.features(td.test.images, "encode")
+        preds = self.predict_features(feats, task, pixels=lambda idx: self.pixels([td.test.images[i] for i in idx]))
+        own = task or (td.name if td.name in self.registry["experts"] else next(
+            (n for n, r in self.registry["experts"].items() if r["classes"] == td.classes), None))
+        true = [td.classes[y] for y in td.test.labels]
+        ok = [p["label"] == t and (own is None or p["task"] == own) for p, t in zip(preds, true)]
+        per_class = {c: round(sum(o for o, t in zip(ok, true) if t == c) / max(1, true.count(c)), 6) for c in td.classes}
+        result = {"accuracy": round(sum(ok) / max(1, len(ok)), 6), "per_class": per_class, "n": len(ok),
+                  "task_ids": "given" if task else "routed", "task": own}
+        if task is None and own is not None:
+            result["routing_accuracy"] = round(sum(p["task"] == own for p in preds) / max(1, len(preds)), 6)
+        return result
+
+    # ----- combining the routed top-k ------------------------------------------------------------
+    def global_fusion(self, top_k: int) -> GlobalFusion:
+        """The fusion layer over the routed top-k, trained on stored statistics the first time it is
+        needed for this set of experts (then cached; the zoo directory is never written)."""
+        settings = self.fusion_settings
+        k = max(1, min(top_k, len(self.names)))
+        key = fusion_key(self.registry["experts"], self.registry.get("router", {}), k, settings)
+        if key not in self._fusions:
+            names, dim = self.names, self.backbone.embed_dim
+            self._fusions[key], self.fusion_info = load_or_train_global(
+                cache_root() / "fusion", key, dim,
+                lambda: train_global_fusion({i: self.expert(n) for i, n in enumerate(names)}, names,
+                                            [self.stats(n) for n in names], lambda x: self.route(x, k),
+                                            dim, settings))
+        return self._fusions[key]
+
+    def predict_fused(self, feats: torch.Tensor, top_k: int = 2, pixels: PixelFn | None = None,
+                      mode: str = "fusion", fallback: bool = True, classes: Sequence[str] | None = None) -> list[dict]:
+        """Task-agnostic answers combining the routed top-k experts: 'avg' (uniform average of their
+        output distributions) or 'fusion' (the global AdapterFusion; each answer carries its fusion
+        weights, expert -> weight). The answer is the best (task, class) over their classes; inputs
+        of no known task fall back to zero-shot CLIP as in :meth:`predict_features`."""
+        if mode not in MODES:
+            raise ConfigError(f"unknown prediction mode {mode!r}: choose from {', '.join(MODES)}")
+        if mode == "top1":
+            return self.predict_features(feats, None, top_k, pixels, fallback=fallback, classes=classes)
+        if top_k < 2:
+            raise ConfigError(f"mode {mode!r} combines the router's top-k experts: use --top-k 2 or more")
+        r = self.route(feats, top_k)
+        cand = r.indices
+        experts = {e: self.expert(r.names[e]) for e in cand.unique().tolist()}
+        out = (average_predict(experts, r.names, cand, feats, pixels) if mode == "avg"
+               else self.global_fusion(top_k).predict(experts, r.names, cand, r.weights, feats, pixels))
+        preds = []
+        for b, routing in enumerate(r.as_dicts()):
+            e = int(cand[b, out["slot"][b]])
+            p = {"task": r.names[e], "label": experts[e].classes[int(out["label"][b])],
+                 "score": round(float(out["score"][b]), 6), "routing": routing}
+            if mode == "fusion":
+                p["fusion"] = {r.names[int(i)]: round(float(w), 6) for i, w in zip(cand[b], out["weights"][b])}
+            preds.append({**p, "fallback": False})
+        fell = r.fallback.tolist() if fallback else [False] * len(feats)
+        return self._fall_back(preds, feats, fell, r.ood_score, classes)
+
+    def _add_source_weights(self, feats: torch.Tensor, preds: list[dict], pixels: PixelFn) -> None:
+        """Answers given by a composed expert also carry its weights over its sources."""
+        for name in dict.fromkeys(p["task"] for p in preds if p["task"] is not None):
+            exp = self.expert(name)
+            if not exp.composed:
+                continue
+            idx = [i for i, p in enumerate(preds) if p["task"] == name]
+            for i, w in zip(idx, exp.source_weights(feats[idx], pixels(idx) if exp.needs_pixels else None)):
+                preds[i]["sources"] = w

@@ -1,0 +1,240 @@
+"""The zoo's store: a directory with ``registry.json``, one folder per expert and the router.
+
+:class:`Store` creates and opens a zoo, loads its backbone, experts and router lazily, and
+changes it only through commits under the zoo's lock: files are staged under new names first and
+the registry, written atomically, is what makes them part of the zoo, so a failed or interrupted
+write leaves the zoo as it was. Training (:mod:`clipzoo.zoo.learn`) and answering
+(:mod:`clipzoo.zoo.predict`) build on it; :class:`clipzoo.zoo.zoo.Zoo` joins the three.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from clipzoo import __version__
+from clipzoo.errors import BackboneError, ConfigError, RegistryError
+from clipzoo.router.learned import RouterConfig
+from clipzoo.router.ood import check_quantile
+from clipzoo.router.stats import TaskStats
+from clipzoo.tasks.spec import ImageSource
+from clipzoo.zoo import registry
+from clipzoo.zoo.backbone import Backbone, BackboneSpec, load_backbone
+from clipzoo.zoo.cache import backbone_features
+from clipzoo.zoo.experts import Expert, Sources, load_expert
+from clipzoo.zoo.router_files import KINDS, LEARNED, Router, load_router, prune_router_files, stage_router
+
+
+class Store:
+    """A zoo directory (see :mod:`clipzoo.zoo.registry` for its layout)."""
+
+    def __init__(self, root: Path, reg: dict):
+        self.root = Path(root)
+        self.registry = reg
+        self._backbone: Backbone | None = None
+        self._experts: dict[str, tuple[str, Expert]] = {}
+        self._router: tuple[str, Router] | None = None
+
+    # ----- creation and opening -------------------------------------------------------------
+    @classmethod
+    def create(cls, root: str | Path, backbone: BackboneSpec = BackboneSpec()):
+        """Make an empty zoo on ``backbone`` (loaded now, so a bad backbone fails here)."""
+        root = Path(root)
+        if (root / registry.REGISTRY).exists():
+            raise RegistryError(f"a zoo already exists at {root}: open it, or choose another --zoo")
+        if root.exists() and any(root.iterdir()):
+            raise RegistryError(f"{root} exists and is not empty: choose an empty or new directory")
+        bb = load_backbone(backbone)
+        root.mkdir(parents=True, exist_ok=True)
+        (root / registry.EXPERTS_DIR).mkdir(exist_ok=True)
+        (root / registry.LOCK).touch()
+        reg = {
+            "schema_version": registry.SCHEMA_VERSION,
+            "clipzoo_version": __version__,
+            "backbone": {**backbone.to_dict(), "fingerprint": bb.fingerprint, "params": bb.num_params,
+                         "embed_dim": bb.embed_dim},
+            "router": {"kind": LEARNED, "version": 0, "files": {}},
+            "experts": {},
+        }
+        registry.write(root, reg)
+        store = cls(root, reg)
+        store._backbone = bb
+        return store
+
+    @classmethod
+    def open(cls, root: str | Path):
+        root = Path(root)
+        return cls(root, registry.read(root))
+
+    # ----- backbone and features -----------------------------------------------------------
+    @property
+    def backbone(self) -> Backbone:
+        if self._backbone is None:
+            spec = BackboneSpec.from_dict(self.registry["backbone"])
+            bb = load_backbone(spec)
+            if bb.fingerprint != self.registry["backbone"]["fingerprint"]:
+                raise BackboneError(
+                    f"backbone {spec} now has fingerprint {bb.fingerprint[:12]}, but this zoo was built on "
+                    f"{self.registry['backbone']['fingerprint'][:12]}: restore the original weights"
+                )
+            self._backbone = bb
+        return self._backbone
+
+    def features(self, images: Sequence[ImageSource], desc: str = "encode") -> torch.Tensor:
+        """Frozen image embeddings, each image encoded once per backbone (feature cache)."""
+        return backbone_features(self.backbone, images, desc)
+
+    def pixels(self, images: Sequence[ImageSource]) -> torch.Tensor:
+        """Preprocessed pixels ``(N, 3, H, W)`` for experts that work inside the encoder."""
+        from clipzoo.tasks.data import open_image
+
+        return torch.stack([self.backbone.preprocess(open_image(im)) for im in images])
+
+    # ----- experts --------------------------------------------------------------------------
+    @property
+    def names(self) -> list[str]:
+        return list(self.registry["experts"])
+
+    def records(self) -> list[dict]:
+        """Every expert's registry record, in the order they were added."""
+        return [dict(rec) for rec in self.registry["experts"].values()]
+
+    def record(self, name: str) -> dict:
+        if name not in self.registry["experts"]:
+            known = ", ".join(self.names) or "none"
+            raise RegistryError(f"no expert named {name!r} in {self.root} (experts: {known})")
+        return self.registry["experts"][name]
+
+    def expert_dir(self, name: str) -> Path:
+        return self.root / registry.EXPERTS_DIR / name
+
+    def sources(self) -> Sources:
+        """This zoo's experts as a composed expert reads them (loaded lazily, hashes from the registry)."""
+        return Sources(self.names, self.expert, lambda n: self.record(n)["sha256"])
+
+    def expert(self, name: str) -> Expert:
+        """The expert, loaded lazily and kept while its weights hash is unchanged."""
+        rec = self.record(name)
+        cached = self._experts.get(name)
+        if cached and cached[0] == rec["sha256"]:
+            return cached[1]
+        exp = load_expert(self.expert_dir(name), self.backbone, self.sources())
+        self._experts[name] = (rec["sha256"], exp)
+        return exp
+
+    def stats(self, name: str) -> TaskStats:
+        self.record(name)
+        return TaskStats.load(self.expert_dir(name))
+
+    def dependents(self, name: str) -> list[str]:
+        """Composed experts that list ``name`` among their sources."""
+        return [n for n, r in registry.read(self.root)["experts"].items() if name in r.get("sources", [])]
+
+    # ----- the router -------------------------------------------------------------------------
+    def router(self) -> Router:
+        """The zoo's router, ``registry["router"]["kind"]``: ``learned`` (the gate in its versioned
+        file, loaded once per version) or ``nearest-stats`` (built from every task's stats)."""
+        spec = self.registry.get("router", {})
+        key = json.dumps(spec, sort_keys=True)
+        if self._router is None or self._router[0] != key:  # every add/remove/refresh bumps the version
+            self._router = (key, load_router(self.root, spec, self.names, self._stats_reader()))
+        return self._router[1]
+
+    def _stats_reader(self) -> Callable[[str], TaskStats]:
+        return lambda n: TaskStats.load(self.expert_dir(n))
+
+    def refresh_router(self, kind: str | None = None, ood_quantile: float | None = None,
+                       config: RouterConfig | None = None) -> dict:
+        """Rebuild the router from every task's stats (optionally switching ``kind``, the OOD
+        quantile or the learned gate's settings) and commit it as a new version; returns
+        ``registry["router"]``."""
+        if kind not in (None, *KINDS):
+            raise ConfigError(f"unknown router kind {kind!r}: choose {KINDS[0]!r} or {KINDS[1]!r}")
+        if ood_quantile is not None:
+            check_quantile(ood_quantile)
+        with registry.lock(self.root):
+            reg = registry.read(self.root)
+            old_files = set(reg.get("router", {}).get("files", {}))
+            reg["router"] = {**reg.get("router", {}), **({"kind": kind} if kind else {}),
+                             **({"ood_quantile": ood_quantile} if ood_quantile is not None else {})}
+            self._commit(reg, old_files, lambda: stage_router(self.root, reg, self._stats_reader(), rebuild=True,
+                                                              config=config))
+        return dict(self.registry["router"])
+
+    # ----- commits ----------------------------------------------------------------------------
+    def _commit(self, reg: dict, old_files: set[str], stage: Callable[[], list[Path]],
+                undo: Callable[[], None] = lambda: None) -> None:
+        """Under the lock: stage the router, write ``reg``; on any failure remove what was staged
+        (and ``undo()``), so the zoo is exactly as it was."""
+        written: list[Path] = []
+        try:
+            written = stage()
+            registry.write(self.root, reg)
+        except BaseException:
+            for p in written:
+                p.unlink(missing_ok=True)
+            if written and not any(written[0].parent.iterdir()):
+                written[0].parent.rmdir()
+            undo()
+            raise
+        prune_router_files(self.root, old_files | set(reg["router"]["files"]))
+        self.registry = reg
+
+    def commit_expert(self, name: str, staging: Path, record: dict) -> None:
+        """Under the lock: re-read the registry, move the staged folder in, write the registry."""
+        with registry.lock(self.root):
+            reg = registry.read(self.root)
+            if name in reg["experts"]:
+                raise RegistryError(f"task {name!r} was added meanwhile by another process: choose another --name")
+            target = self.expert_dir(name)
+            if target.exists():  # left over from a crash between the move and the registry write
+                shutil.rmtree(target)
+            target.parent.mkdir(exist_ok=True)
+            os.rename(staging, target)
+            old_files = set(reg.get("router", {}).get("files", {}))
+            reg["experts"][name] = record
+            self._commit(reg, old_files, lambda: stage_router(self.root, reg, self._stats_reader(), add=name),
+                         undo=lambda: shutil.rmtree(target, ignore_errors=True))
+
+    def remove(self, name: str, cascade: bool = False) -> list[str]:
+        """Drop an expert: the registry first (atomic), then its folder. An expert that composed
+        experts use is refused, or removed after them with ``cascade=True``. Returns every name
+        removed, ``name`` last."""
+        users = self.dependents(name)
+        if users and not cascade:
+            raise RegistryError(f"expert {name!r} is a source of fusion expert(s) {', '.join(users)}: "
+                                "remove those first, or use --cascade to remove them too")
+        removed: list[str] = []
+        for user in users:
+            if user in registry.read(self.root)["experts"]:  # not already gone with another user
+                removed += self.remove(user, cascade=True)
+        with registry.lock(self.root):
+            reg = registry.read(self.root)
+            if name not in reg["experts"]:
+                raise RegistryError(f"no expert named {name!r} in {self.root}")
+            del reg["experts"][name]
+            old_files = set(reg.get("router", {}).get("files", {}))
+            self._commit(reg, old_files, lambda: stage_router(self.root, reg, self._stats_reader(), drop=name))
+        shutil.rmtree(self.expert_dir(name), ignore_errors=True)
+        self._experts.pop(name, None)
+        return removed + [name]
+
+    # ----- integrity ------------------------------------------------------------------------
+    def verify(self) -> dict:
+        """Recompute every file's sha256 against the registry."""
+        listed = [(f"{name}/{fname}", self.expert_dir(name) / fname, digest)
+                  for name, rec in self.registry["experts"].items() for fname, digest in rec["files"].items()]
+        listed += [(rel, self.root / rel, digest) for rel, digest in self.registry.get("router", {}).get("files", {}).items()]
+        problems = [f"{label}: missing" if not path.is_file() else f"{label}: sha256 mismatch"
+                    for label, path, digest in listed if not path.is_file() or registry.sha256_file(path) != digest]
+        if not problems and self.registry.get("router", {}).get("files"):
+            try:
+                load_router(self.root, self.registry["router"], self.names, self._stats_reader())
+            except RegistryError as e:
+                problems.append(str(e))
+        return {"ok": not problems, "experts": len(self.registry["experts"]), "problems": problems}
