@@ -22,14 +22,13 @@ from pathlib import Path
 
 import torch
 
-from clipzoo.zoo.experts.fusion import BASE, FusionExpert
 from clipzoo.bench.harness import machine_info
-from clipzoo.tasks.spec import Split, TaskData
-from clipzoo.zoo.train import TrainSettings, fit
+from clipzoo.router.fusion import MODES
 from clipzoo.tasks.metrics import accuracy
+from clipzoo.tasks.spec import Split, TaskData
+from clipzoo.zoo.experts.fusion import BASE, FusionExpert
+from clipzoo.zoo.train import TrainSettings, fit
 from clipzoo.zoo.zoo import Zoo
-
-MODES = ("top1", "avg", "fusion")
 
 
 @dataclass

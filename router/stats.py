@@ -44,11 +44,26 @@ class TaskStats:
 
     @classmethod
     def load(cls, folder: Path) -> "TaskStats":
-        tensors = load_file(str(folder / STATS_FILE))
+        """Read ``stats.safetensors``; a missing, damaged or foreign file (or one lacking a field)
+        is one IntegrityError or RegistryError naming the expert and the fix, never a traceback."""
+        from safetensors import SafetensorError
+
+        from clipzoo.errors import IntegrityError, RegistryError
+
+        where = f" --zoo {folder.parent.parent} --name {folder.name}" if folder.parent.name == "experts" else ""
+        fix = f"restore it (clipzoo pull) or remove the expert (clipzoo remove{where})"
+        try:
+            tensors = load_file(str(folder / STATS_FILE))
+        except FileNotFoundError:
+            raise IntegrityError(f"expert {folder.name!r}: {STATS_FILE} is missing; {fix}") from None
+        except OSError as e:
+            raise IntegrityError(f"expert {folder.name!r}: {STATS_FILE} cannot be read ({e.strerror or e}); {fix}") from e
+        except (SafetensorError, ValueError) as e:
+            why = " ".join(str(e).split())[:160]
+            raise IntegrityError(f"expert {folder.name!r}: {STATS_FILE} is not a valid safetensors file ({why}); "
+                                 f"{fix}") from e
         missing = sorted({f.name for f in fields(cls)} - set(tensors))
         if missing:
-            from clipzoo.errors import RegistryError
-
             raise RegistryError(f"{folder / STATS_FILE} lacks {', '.join(missing)} (written by an older clipzoo): "
                                 "remove the task and add it again")
         return cls(**{f.name: tensors[f.name] for f in fields(cls)})

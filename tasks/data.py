@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import os
+import warnings
 from pathlib import Path
 
 from PIL import Image
 
 from clipzoo.tasks import synthetic
-from clipzoo.tasks.spec import Split, TaskData, check_name
-from clipzoo.errors import DataError
+from clipzoo.tasks.spec import ImageSource, Split, TaskData, check_name
+from clipzoo.errors import ConfigError, DataError
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm", ".tif", ".tiff"}
 BUILTIN_PREFIX = "builtin:"
+MAX_IMAGE_PIXELS = 40_000_000  # per image, from its header; $CLIPZOO_MAX_IMAGE_PIXELS overrides
+MAX_IMAGE_BYTES = 64 * 1024 * 1024  # per image file; $CLIPZOO_MAX_IMAGE_BYTES overrides
+PIXELS_ENV, BYTES_ENV = "CLIPZOO_MAX_IMAGE_PIXELS", "CLIPZOO_MAX_IMAGE_BYTES"
 
 
 def builtin_domains() -> list[str]:
@@ -87,16 +92,96 @@ def load_task(spec: str | Path, name: str | None = None) -> TaskData:
     return load_imagefolder(s, name=name)
 
 
-def open_image(src) -> Image.Image:
-    """Decode an image source to RGB; an unreadable file is a DataError naming it."""
+def image_limits() -> tuple[int, int]:
+    """``(max pixels, max file bytes)`` for one image: ``$CLIPZOO_MAX_IMAGE_PIXELS`` and
+    ``$CLIPZOO_MAX_IMAGE_BYTES`` when set (positive integers), else the module defaults."""
+    out = []
+    for var, default in ((PIXELS_ENV, MAX_IMAGE_PIXELS), (BYTES_ENV, MAX_IMAGE_BYTES)):
+        raw = os.environ.get(var, "").strip()
+        try:
+            value = int(raw) if raw else default
+        except ValueError:
+            value = 0
+        if value < 1:
+            raise ConfigError(f"${var}={raw!r} is not a positive integer: unset it or give a number like {default}")
+        out.append(value)
+    return out[0], out[1]
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def check_file_size(src: str | Path) -> int:
+    """The size in bytes of an image file; a missing file or one over ``$CLIPZOO_MAX_IMAGE_BYTES``
+    is a one-line DataError."""
+    max_bytes = image_limits()[1]
+    try:
+        size = os.stat(src).st_size
+    except OSError as e:
+        raise DataError(f"cannot read image file {src}: {_one_line(e)}; check the path") from e
+    if size > max_bytes:
+        raise DataError(f"image file {src} is {size:,} bytes, over the limit of {max_bytes:,}: shrink it, "
+                        f"or raise ${BYTES_ENV}")
+    return size
+
+
+def _open_header(src: str | Path) -> Image.Image:
+    """Open an image file after checking its size in bytes, and its pixel count from the header
+    (nothing is decoded yet); the caller closes it."""
+    check_file_size(src)
+    max_pixels = image_limits()[0]
+    try:
+        with warnings.catch_warnings():  # the explicit check below replaces PIL's warning
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(src)  # reads the header only
+    except Image.DecompressionBombError as e:  # over PIL's own hard limit, whatever ours is
+        raise DataError(f"image {src} claims over {2 * (Image.MAX_IMAGE_PIXELS or 0):,} pixels, PIL's own limit "
+                        f"(a decompression bomb?): resize or remove it") from e
+    except (OSError, SyntaxError, ValueError, EOFError) as e:  # UnidentifiedImageError is an OSError
+        raise DataError(f"{src} is not an image PIL can read ({_one_line(e)}): remove or replace the file") from e
+    w, h = im.size
+    if w * h > max_pixels:
+        im.close()
+        raise DataError(f"image {src} claims {w}x{h} = {w * h:,} pixels, over the limit of {max_pixels:,} "
+                        f"(a decompression bomb?): resize or remove it, or raise ${PIXELS_ENV}")
+    return im
+
+
+def check_image(src: ImageSource) -> tuple[int, int]:
+    """Cheap checks of an image file before decoding it: it exists, is at most
+    ``$CLIPZOO_MAX_IMAGE_BYTES`` long, has a header PIL recognises, and claims at most
+    ``$CLIPZOO_MAX_IMAGE_PIXELS`` pixels. Returns ``(width, height)``; each failure is a one-line
+    DataError naming the file and the fix. In-memory images are already decoded and always pass.
+    A truncated file passes: only decoding (:func:`open_image`) finds it."""
+    if isinstance(src, Image.Image):
+        return src.size
+    with _open_header(src) as im:
+        return im.size
+
+
+def open_image(src: ImageSource) -> Image.Image:
+    """Decode an image source to RGB, refusing hostile files with a one-line DataError naming the
+    file and the fix:
+
+    - a missing or unreadable file;
+    - a file over ``$CLIPZOO_MAX_IMAGE_BYTES`` bytes (default :data:`MAX_IMAGE_BYTES`, 64 MiB);
+    - a file that is not an image;
+    - a header claiming more than ``$CLIPZOO_MAX_IMAGE_PIXELS`` pixels (default
+      :data:`MAX_IMAGE_PIXELS`, 40 million): a decompression bomb is refused from its header
+      (``Image.open``) before ``load()`` decodes any pixel;
+    - a truncated or corrupt file (found while decoding).
+
+    The environment variables are read on every call (positive integers). PIL's own guard still
+    applies on top: over twice ``PIL.Image.MAX_IMAGE_PIXELS`` (about 179 million) is always refused."""
     if isinstance(src, Image.Image):
         return src.convert("RGB")
-    try:
-        with Image.open(src) as im:
+    with _open_header(src) as im:
+        try:
             im.load()
             return im.convert("RGB")
-    except (OSError, SyntaxError, ValueError) as e:
-        raise DataError(f"unreadable or truncated image {src}: {e}; remove or replace the file") from e
+        except (OSError, SyntaxError, ValueError, EOFError) as e:
+            raise DataError(f"unreadable or truncated image {src}: {_one_line(e)}; remove or replace the file") from e
 
 
 def write_imagefolder(task: TaskData, root: str | Path) -> Path:

@@ -25,6 +25,12 @@ commit. Neither Xet nor the LFS batch API is implemented.
 Test hooks: :meth:`HubServer.tamper` rewrites a file in place (same commit id, as a malicious
 server could), :attr:`HubServer.drop` names paths whose download gets the connection closed
 without an answer, :attr:`HubServer.requests` logs ``METHOD path`` of every request.
+Hardening hooks: :attr:`HubServer.on_request` is called with ``"METHOD path"`` (holding the server's
+lock) before each request is answered, e.g. to move a branch with :meth:`HubServer.commit` mid-pull;
+:attr:`HubServer.serve` maps a path to what its download answers instead of the committed bytes (bytes,
+sent with their own ``Content-Length``, or an iterable of chunks sent chunked without one) while the
+tree listing keeps the committed size; :attr:`HubServer.sent` counts the body bytes written per path;
+:attr:`HubServer.unpin` makes downloads ignore the requested revision and serve ``main``'s head.
 """
 
 from __future__ import annotations
@@ -35,8 +41,10 @@ import json
 import socket
 import threading
 import uuid
+from collections import defaultdict
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Callable, Iterable
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import yaml
@@ -63,6 +71,15 @@ class Repo:
         return self.branches.get(rev) or (rev if rev in self.commits else None)
 
 
+class _Server(ThreadingHTTPServer):
+    def handle_error(self, request, client_address) -> None:
+        """A client that drops its connection (a refused download) is no server error: stay quiet."""
+        import sys
+
+        if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            super().handle_error(request, client_address)
+
+
 class HubServer:
     """Start with :meth:`start`, stop with :meth:`stop`; ``endpoint`` is its base URL."""
 
@@ -71,8 +88,12 @@ class HubServer:
         self.repos: dict[str, Repo] = {}
         self.drop: set[str] = set()
         self.requests: list[str] = []
+        self.on_request: Callable[[str], None] | None = None
+        self.serve: dict[str, bytes | Iterable[bytes]] = {}
+        self.sent: dict[str, int] = defaultdict(int)
+        self.unpin = False
         self._lock = threading.Lock()
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
+        self._httpd = _Server(("127.0.0.1", 0), _handler(self))
         self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,), daemon=True)
 
     @property
@@ -94,6 +115,12 @@ class HubServer:
     def tamper(self, repo_id: str, path: str, data: bytes, rev: str = "main") -> None:
         """Replace a file's bytes without a new commit (what a compromised server could do)."""
         self.files(repo_id, rev)[path] = data
+
+    def commit(self, repo_id: str, files: dict[str, bytes], branch: str = "main") -> str:
+        """Make ``files`` a new commit on ``branch`` directly (safe to call from :attr:`on_request`)."""
+        repo = self.repos[repo_id]
+        repo.branches[branch] = repo.new_commit(dict(files))
+        return repo.branches[branch]
 
 
 def _handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
@@ -157,6 +184,8 @@ def _handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
             hub.requests.append(f"{self.command} {url.path}")
             self.body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
             with hub._lock:
+                if hub.on_request is not None:
+                    hub.on_request(f"{self.command} {url.path}")
                 if parts[:2] == ["api", "repos"] and parts[2:] == ["create"]:
                     return self._create_repo()
                 if parts == ["api", "validate-yaml"]:
@@ -275,6 +304,8 @@ def _handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
                         "pullRequestUrl": None})
 
         def _resolve(self, repo_id: str, rev: str, path: str) -> None:
+            if hub.unpin and repo_id in hub.repos:
+                rev = "main"
             if (repo := self._repo(repo_id)) is None or (oid := self._oid(repo, rev)) is None:
                 return
             data = repo.commits[oid].get(path)
@@ -284,7 +315,30 @@ def _handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
                 self.close_connection = True
                 self.connection.shutdown(socket.SHUT_RDWR)
                 return
-            self._send(200, data, {"X-Repo-Commit": oid, "ETag": f'"{git_oid(data)}"'},
-                       ctype="application/octet-stream")
+            headers = {"X-Repo-Commit": oid, "ETag": f'"{git_oid(data)}"'}
+            body = hub.serve.get(path, data)
+            try:
+                if isinstance(body, bytes):
+                    self._send(200, body, headers, ctype="application/octet-stream")
+                    hub.sent[path] += len(body) if self.command == "GET" else 0
+                else:
+                    self._stream(body, headers, path)
+            except (BrokenPipeError, ConnectionResetError):  # the client stopped reading: fine
+                self.close_connection = True
+
+        def _stream(self, chunks: Iterable[bytes], headers: dict, path: str) -> None:
+            """Send ``chunks`` with ``Transfer-Encoding: chunked`` (no Content-Length)."""
+            self.send_response(200)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Transfer-Encoding", "chunked")
+            for k, v in headers.items():
+                self.send_header(k, v)
+            self.end_headers()
+            if self.command == "HEAD":
+                return
+            for chunk in chunks:
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                hub.sent[path] += len(chunk)
+            self.wfile.write(b"0\r\n\r\n")
 
     return Handler

@@ -112,7 +112,8 @@ def test_remove_drops_one_slot_and_keeps_the_others(synth):
     with torch.no_grad():
         after = r.logits(x)
     assert r.names == ["t0", "t2", "t3"]
-    assert torch.equal(after, before[:, [0, 2, 3]])
+    # the same rows of the same weights, read through a smaller matrix: equal up to float rounding
+    torch.testing.assert_close(after, before[:, [0, 2, 3]], rtol=1e-5, atol=1e-5)
     with pytest.raises(RegistryError):
         r.remove("t1")
 

@@ -20,7 +20,8 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save
 
-from clipzoo.tasks.data import open_image
+from clipzoo.errors import DataError
+from clipzoo.tasks.data import check_file_size, open_image
 from clipzoo.tasks.spec import ImageSource
 from clipzoo.runtime import cache_root, progress_bar
 from clipzoo.zoo.registry import atomic_write_bytes
@@ -81,6 +82,16 @@ class FeatureCache:
         index.update({k: (shard, i) for i, k in enumerate(keys)})
 
 
+def _image_key(src: ImageSource) -> str:
+    """:func:`content_key`, after the cheap size checks of a file (so a huge file is not hashed)."""
+    if not isinstance(src, Image.Image):
+        check_file_size(src)
+    try:
+        return content_key(src)
+    except OSError as e:
+        raise DataError(f"cannot read image file {src}: {' '.join(str(e).split())}; check the path") from e
+
+
 def encode_cached(
     images: Sequence[ImageSource],
     preprocess: Callable[[Image.Image], torch.Tensor],
@@ -88,30 +99,54 @@ def encode_cached(
     cache: FeatureCache | None,
     batch_size: int = 256,
     progress: Callable[[int], None] | None = None,
+    errors: dict[int, str] | None = None,
 ) -> torch.Tensor:
-    """Features for ``images``, encoding only those not already in ``cache``."""
-    keys = [content_key(im) for im in images]
-    found = cache.get(keys) if cache is not None else {}
-    todo = [i for i, k in enumerate(keys) if k not in found]
+    """Features for ``images``, encoding only those not already in ``cache``.
+
+    An image that cannot be read (:func:`clipzoo.tasks.data.open_image`: missing, too large, not an
+    image, a decompression bomb, truncated) raises its DataError; or, when ``errors`` is given, is
+    recorded there (index -> one-line message) and skipped: the result then has one row per image
+    *not* in ``errors``, in order."""
+    keys: list[str | None] = []
+    for i, im in enumerate(images):
+        keys.append(_guard(i, errors, lambda: _image_key(im)))
+    found = cache.get([k for k in keys if k is not None]) if cache is not None else {}
+    todo = [i for i, k in enumerate(keys) if k is not None and k not in found]
     new: dict[str, torch.Tensor] = {}
     for b in range(0, len(todo), batch_size):
-        idx = todo[b:b + batch_size]
-        pixels = torch.stack([preprocess(open_image(images[i])) for i in idx])
-        feats = encode(pixels)
+        decoded = {i: _guard(i, errors, lambda: preprocess(open_image(images[i]))) for i in todo[b:b + batch_size]}
+        idx = [i for i, px in decoded.items() if px is not None]
+        if progress:
+            progress(len(decoded))
+        if not idx:
+            continue
+        feats = encode(torch.stack([decoded[i] for i in idx]))
         bkeys = [keys[i] for i in idx]
         if cache is not None:
             cache.put(bkeys, feats)
         new.update(zip(bkeys, feats))
-        if progress:
-            progress(len(idx))
     if progress and len(todo) < len(keys):
         progress(len(keys) - len(todo))
-    return torch.stack([found[k] if k in found else new[k] for k in keys]) if keys else torch.empty(0)
+    rows = [found[k] if k in found else new[k] for i, k in enumerate(keys) if not (errors and i in errors)]
+    return torch.stack(rows) if rows else torch.empty(0)
 
 
-def backbone_features(bb, images: Sequence, desc: str = "encode") -> torch.Tensor:
+def _guard(i: int, errors: dict[int, str] | None, fn: Callable):
+    """``fn()``; a DataError is raised, or recorded in ``errors[i]`` (then None is returned)."""
+    try:
+        return fn()
+    except DataError as e:
+        if errors is None:
+            raise
+        errors[i] = str(e)
+        return None
+
+
+def backbone_features(bb, images: Sequence, desc: str = "encode", errors: dict[int, str] | None = None
+                      ) -> torch.Tensor:
     """Frozen image embeddings of ``bb`` (a :class:`clipzoo.zoo.backbone.Backbone`), each image encoded once
-    per (fingerprint, preprocessing) through the feature cache (:func:`clipzoo.runtime.cache_root`)."""
+    per (fingerprint, preprocessing) through the feature cache (:func:`clipzoo.runtime.cache_root`).
+    ``errors``: see :func:`encode_cached` (unreadable images recorded and skipped instead of raised)."""
     cache = FeatureCache([bb.fingerprint, bb.preprocess_id])
     with progress_bar(total=len(images), desc=desc, min_total=64) as bar:
-        return encode_cached(images, bb.preprocess, bb.encode_images, cache, progress=bar.update)
+        return encode_cached(images, bb.preprocess, bb.encode_images, cache, progress=bar.update, errors=errors)

@@ -11,7 +11,8 @@ asks). Push reads the zoo under its lock and refuses a file whose sha256 disagre
 and only then touches the zoo: it reads JSON and safetensors only (executes nothing), refuses unsafe
 file names (absolute, ``..``, anything outside ``[A-Za-z0-9_.-]`` per path part), checks every file's
 sha256 against the remote registry, refuses another backbone, and refuses an expert that exists
-locally with other hashes unless ``force``. Then, under the zoo lock, folders are moved in and the
+locally with other hashes unless ``force``. Downloads (:mod:`clipzoo.zoo.hub_download`) fetch only the files
+the registry names, each at the pinned commit, bounded by its listed size and a per-type limit. Then, under the zoo lock, folders are moved in and the
 registry is written atomically; any error removes the staging folder and leaves the zoo as it was.
 The remote's router files are taken only by a zoo without experts pulling all of the remote's;
 otherwise the local router is kept and rebuilt over the merged experts (``Store.refresh_router``).
@@ -32,21 +33,20 @@ import re
 import shutil
 import uuid
 from contextlib import contextmanager
-from pathlib import Path, PureWindowsPath
+from pathlib import Path
 from typing import Iterator
 
-from huggingface_hub import (CommitOperationAdd, CommitOperationDelete, HfApi, constants, get_token,
-                             hf_hub_download, snapshot_download)
+from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, constants, get_token
 from huggingface_hub.hf_api import RepoFile
 from huggingface_hub.utils import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
 from clipzoo.zoo import registry
+from clipzoo.zoo.hub_download import LIMITS, Remote, check_remote_name, safe_path
 from clipzoo.zoo.store import Store
 from clipzoo.errors import BackboneError, ClipzooError, HubError, IntegrityError, RegistryError
 
 CARD = "README.md"
 READABLE = (".json", ".safetensors")
-SAFE_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
 
 # ----- configuration and errors ---------------------------------------------------------------
@@ -79,22 +79,6 @@ def _hub_errors(what: str, token: str | bool | None) -> Iterator[None]:
         raise HubError(f"{what}: {reason}") from e
 
 
-def check_remote_name(path: str) -> str:
-    """Any name a remote lists: refuse absolute paths, drives, backslashes and ``.``/``..`` parts."""
-    parts = path.split("/")
-    if path.startswith("/") or "\\" in path or PureWindowsPath(path).drive or any(p in ("", ".", "..") for p in parts):
-        raise HubError(f"refusing to pull: the remote lists an unsafe file name {path!r} (path traversal)")
-    return path
-
-
-def safe_path(path: str) -> str:
-    """A path the pull writes: relative, each part a plain name (``[A-Za-z0-9][A-Za-z0-9_.-]*``)."""
-    check_remote_name(path)
-    if not all(SAFE_PART.fullmatch(p) for p in path.split("/")):
-        raise HubError(f"refusing to pull: unsafe file name {path!r} in the remote registry")
-    return path
-
-
 def git_blob_oid(data: bytes) -> str:
     """The git object id of a file's bytes, as the Hub reports non-LFS files."""
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
@@ -124,10 +108,14 @@ def check_remote_registry(reg: dict) -> dict:
         registry.validate(reg)
     except RegistryError as e:
         raise HubError(f"refusing the remote {e}") from e
+    bb = reg["backbone"]
+    if not all(isinstance(bb[k], str) and re.fullmatch(pat, bb[k])
+               for k, pat in (("fingerprint", r"[0-9a-f]{64}"), ("model", r"[ -~]{1,200}"))):
+        raise HubError("refusing the remote registry: its backbone has a malformed model name or fingerprint")
     for name in reg["experts"]:
         safe_path(name)
     for key, sec in sections(reg).items():
-        if not isinstance(sec["files"], dict) or any(str(p).split("/")[0] != key for p in sec["files"]):
+        if key in (registry.REGISTRY, CARD) or not isinstance(sec["files"], dict) or any(str(p).split("/")[0] != key for p in sec["files"]):
             raise HubError(f"the remote registry's {key!r} section lists files outside its folder {key}/")
     for path, digest in listed_files(reg).items():
         safe_path(path)
@@ -265,13 +253,12 @@ def _check_backbone(local: dict | None, remote: dict, where: str) -> None:
 
 
 def _verify_staged(folder: Path, wanted: dict[str, str], fingerprint: str) -> None:
-    """Every wanted file is a regular file with its sha256; expert configs name the right backbone."""
-    for path, digest in wanted.items():
+    """Every wanted file is a regular file (its size and sha256 were checked while it was downloaded);
+    expert configs name the right backbone."""
+    for path in wanted:
         file = folder / path
         if file.is_symlink() or not file.is_file():
             raise IntegrityError(f"{path} was not downloaded")
-        if registry.sha256_file(file) != digest:
-            raise IntegrityError(f"{path} from the remote does not match its sha256 in the remote registry: rejected")
         if file.name == "config.json":
             try:
                 cfg = json.loads(file.read_text())
@@ -317,13 +304,15 @@ def pull(root: Path, repo_id: str, *, revision: str | None = None, only: list[st
         info = api.repo_info(repo_id, revision=rev)
         for sibling in info.siblings or []:
             check_remote_name(sibling.rfilename)
-    kw = {"repo_id": repo_id, "revision": info.sha, "endpoint": api.endpoint, "token": token}
+        src = Remote(api, repo_id, info.sha, token)  # every download below is pinned to this commit
+    if registry.REGISTRY not in src.files:
+        raise HubError(f"{where} has no {registry.REGISTRY} at its root: not a clipzoo zoo")
     created = not root.exists()
     root.mkdir(parents=True, exist_ok=True)
     staging = root / f".staging-pull-{uuid.uuid4().hex}"
     try:
         with _hub_errors(f"pull from {where} failed", token):
-            reg_file = hf_hub_download(filename=registry.REGISTRY, local_dir=staging / "meta", **kw)
+            reg_file = src.fetch(registry.REGISTRY, staging / "meta", src.size(registry.REGISTRY), None)
             try:
                 remote = check_remote_registry(json.loads(Path(reg_file).read_text()))
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -333,11 +322,9 @@ def pull(root: Path, repo_id: str, *, revision: str | None = None, only: list[st
             fetch = plan["add"] + plan["replace"]
             take_sections = not (local or {"experts": {}})["experts"] and set(fetch) == set(remote["experts"])
             wanted = listed_files(remote, fetch, with_sections=take_sections)
-            remote_names = {sibling.rfilename for sibling in info.siblings or []}
             cards = [c for c in [f"{registry.EXPERTS_DIR}/{n}/{CARD}" for n in fetch] + ([CARD] if local is None else [])
-                     if c in remote_names]
-            if wanted or cards:
-                snapshot_download(allow_patterns=list(wanted) + cards, local_dir=staging / "files", **kw)
+                     if c in src.files and (src.files[c].lfs or src.files[c]).size <= LIMITS[".md"]]
+            src.fetch_all({**wanted, **dict.fromkeys(cards)}, staging / "files")  # nothing unlisted is fetched
         _verify_staged(staging / "files", wanted, remote["backbone"]["fingerprint"])
         cards = _keep_text_cards(staging / "files", cards)
         folders = [f"{registry.EXPERTS_DIR}/{n}" for n in fetch] + (list(sections(remote)) if take_sections else [])
@@ -362,7 +349,7 @@ def pull(root: Path, repo_id: str, *, revision: str | None = None, only: list[st
     if fetch and not take_sections:  # the router must learn the new experts (one new router version)
         Store.open(root).refresh_router()
         router = "refreshed"
-    return {"repo_id": repo_id, "revision": rev, "commit": info.sha, "zoo": str(root), "created": local is None,
+    return {"repo_id": repo_id, "revision": rev, "commit": src.sha, "zoo": str(root), "created": local is None,
             "added": plan["add"], "replaced": plan["replace"], "unchanged": plan["unchanged"], "router": router,
             "cards": cards}
 

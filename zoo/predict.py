@@ -18,13 +18,14 @@ from typing import Callable, Sequence
 import torch
 from safetensors.torch import load, save
 
-from clipzoo.errors import ConfigError, RegistryError
+from clipzoo.errors import ConfigError, DataError, RegistryError
 from clipzoo.router.fusion import (FORMAT_VERSION, MODES, FusionSettings, GlobalFusion, average_predict,
                                    train_global_fusion)
 from clipzoo.router.gate import Routing
 from clipzoo.runtime import cache_root
-from clipzoo.tasks.data import load_task
+from clipzoo.tasks.data import check_image, load_task
 from clipzoo.tasks.spec import DEFAULT_TEMPLATES, ImageSource, TaskData
+from clipzoo.zoo.cache import backbone_features
 from clipzoo.zoo.registry import atomic_write_bytes
 
 PixelFn = Callable[[list[int]], torch.Tensor]
@@ -76,17 +77,38 @@ class Predictor:
     def predict(self, images: Sequence[ImageSource], task: str | None = None, top_k: int = 1,
                 mode: str = "top1", fallback: bool = True, classes: Sequence[str] | None = None) -> list[dict]:
         """Answers for images (paths or PIL images), routed unless ``task`` is given; see
-        :meth:`predict_features` and :meth:`predict_fused` for the keys."""
+        :meth:`predict_features` and :meth:`predict_fused` for the keys.
+
+        An image that cannot be read (missing, not an image, a decompression bomb, truncated: see
+        :func:`clipzoo.tasks.data.open_image`) does not stop the others: its place in the list holds
+        ``{"path": ..., "error": "<one line>"}``. Its header is checked before anything is encoded."""
         self._require_experts()
         if task is not None:
             self.record(task)
-        feats = self.features(images, "encode")
-        pixels = lambda idx: self.pixels([images[i] for i in idx])  # noqa: E731
-        preds = self.predict_features(feats, task, top_k, pixels=pixels, mode=mode, fallback=fallback, classes=classes)
-        self._add_source_weights(feats, preds, pixels)
-        for i, (img, p) in enumerate(zip(images, preds)):
-            p["path"] = str(img) if isinstance(img, (str, Path)) else f"<image {i}>"
-        return [{"path": p.pop("path"), **p} for p in preds]
+        errors: dict[int, str] = {}
+        for i, img in enumerate(images):
+            try:
+                check_image(img)
+            except DataError as e:
+                errors[i] = str(e)
+        good = [i for i in range(len(images)) if i not in errors]
+        if good:  # the decoder can still find a truncated file: recorded in errors, skipped
+            found: dict[int, str] = {}
+            feats = backbone_features(self.backbone, [images[i] for i in good], "encode", errors=found)
+            errors.update({good[j]: msg for j, msg in found.items()})
+            good = [i for j, i in enumerate(good) if j not in found]
+        answers: dict[int, dict] = {}
+        if good:
+            pixels = lambda idx: self.pixels([images[good[j]] for j in idx])  # noqa: E731
+            preds = self.predict_features(feats, task, top_k, pixels=pixels, mode=mode, fallback=fallback,
+                                          classes=classes)
+            self._add_source_weights(feats, preds, pixels)
+            answers = dict(zip(good, preds))
+        out = []
+        for i, img in enumerate(images):
+            path = str(img) if isinstance(img, (str, Path)) else f"<image {i}>"
+            out.append({"path": path, "error": errors[i]} if i in errors else {"path": path, **answers[i]})
+        return out
 
     def predict_features(self, feats: torch.Tensor, task: str | None = None, top_k: int = 1,
                          pixels: PixelFn | None = None, mode: str = "top1",

@@ -18,15 +18,16 @@ from typing import Callable, Sequence
 import torch
 
 from clipzoo import __version__
-from clipzoo.errors import BackboneError, ConfigError, RegistryError
+from clipzoo.errors import BackboneError, ClipzooError, ConfigError, IntegrityError, RegistryError
 from clipzoo.router.learned import RouterConfig
 from clipzoo.router.ood import check_quantile
-from clipzoo.router.stats import TaskStats
+from clipzoo.router.stats import STATS_FILE, TaskStats
 from clipzoo.tasks.spec import ImageSource
 from clipzoo.zoo import registry
 from clipzoo.zoo.backbone import Backbone, BackboneSpec, load_backbone
 from clipzoo.zoo.cache import backbone_features
 from clipzoo.zoo.experts import Expert, Sources, load_expert
+from clipzoo.zoo.experts.base import read_config, read_weights
 from clipzoo.zoo.router_files import KINDS, LEARNED, Router, load_router, prune_router_files, stage_router
 
 
@@ -118,18 +119,36 @@ class Store:
         return Sources(self.names, self.expert, lambda n: self.record(n)["sha256"])
 
     def expert(self, name: str) -> Expert:
-        """The expert, loaded lazily and kept while its weights hash is unchanged."""
+        """The expert, loaded lazily and kept while its weights hash is unchanged. Its files are
+        checked against their sha256 in the registry first, so a damaged file is never read."""
         rec = self.record(name)
         cached = self._experts.get(name)
         if cached and cached[0] == rec["sha256"]:
             return cached[1]
+        self.check_files(name, rec, [f for f in rec["files"] if f != STATS_FILE])
         exp = load_expert(self.expert_dir(name), self.backbone, self.sources())
         self._experts[name] = (rec["sha256"], exp)
         return exp
 
     def stats(self, name: str) -> TaskStats:
-        self.record(name)
+        """The expert's feature statistics, checked against their sha256 before they are read."""
+        return self._load_stats(name, self.record(name))
+
+    def _load_stats(self, name: str, rec: dict) -> TaskStats:
+        self.check_files(name, rec, [STATS_FILE])
         return TaskStats.load(self.expert_dir(name))
+
+    def check_files(self, name: str, rec: dict, fnames: Sequence[str]) -> None:
+        """Raise IntegrityError (naming the expert, the file and the fix) unless each of ``fnames``
+        matches its sha256 in ``rec``; a file that matched is not hashed again in this process."""
+        folder = self.expert_dir(name)
+        fix = f"restore it (clipzoo pull) or remove the expert (clipzoo remove --zoo {self.root} --name {name})"
+        if not folder.is_dir():
+            raise IntegrityError(f"expert {name!r}: its folder {folder} is missing; {fix}")
+        for fname in fnames:
+            problem = registry.file_problem(folder / fname, rec["files"][fname])
+            if problem:
+                raise IntegrityError(f"expert {name!r}: {fname} {problem}; {fix}")
 
     def dependents(self, name: str) -> list[str]:
         """Composed experts that list ``name`` among their sources."""
@@ -145,8 +164,10 @@ class Store:
             self._router = (key, load_router(self.root, spec, self.names, self._stats_reader()))
         return self._router[1]
 
-    def _stats_reader(self) -> Callable[[str], TaskStats]:
-        return lambda n: TaskStats.load(self.expert_dir(n))
+    def _stats_reader(self, reg: dict | None = None) -> Callable[[str], TaskStats]:
+        """Reads an expert's checked stats by name, with the records of ``reg`` (default: the
+        registry in use; a commit passes the one it is about to write)."""
+        return lambda n: self._load_stats(n, (reg or self.registry)["experts"][n])
 
     def refresh_router(self, kind: str | None = None, ood_quantile: float | None = None,
                        config: RouterConfig | None = None) -> dict:
@@ -162,7 +183,7 @@ class Store:
             old_files = set(reg.get("router", {}).get("files", {}))
             reg["router"] = {**reg.get("router", {}), **({"kind": kind} if kind else {}),
                              **({"ood_quantile": ood_quantile} if ood_quantile is not None else {})}
-            self._commit(reg, old_files, lambda: stage_router(self.root, reg, self._stats_reader(), rebuild=True,
+            self._commit(reg, old_files, lambda: stage_router(self.root, reg, self._stats_reader(reg), rebuild=True,
                                                               config=config))
         return dict(self.registry["router"])
 
@@ -198,7 +219,7 @@ class Store:
             os.rename(staging, target)
             old_files = set(reg.get("router", {}).get("files", {}))
             reg["experts"][name] = record
-            self._commit(reg, old_files, lambda: stage_router(self.root, reg, self._stats_reader(), add=name),
+            self._commit(reg, old_files, lambda: stage_router(self.root, reg, self._stats_reader(reg), add=name),
                          undo=lambda: shutil.rmtree(target, ignore_errors=True))
 
     def remove(self, name: str, cascade: bool = False) -> list[str]:
@@ -219,22 +240,39 @@ class Store:
                 raise RegistryError(f"no expert named {name!r} in {self.root}")
             del reg["experts"][name]
             old_files = set(reg.get("router", {}).get("files", {}))
-            self._commit(reg, old_files, lambda: stage_router(self.root, reg, self._stats_reader(), drop=name))
+            self._commit(reg, old_files, lambda: stage_router(self.root, reg, self._stats_reader(reg), drop=name))
         shutil.rmtree(self.expert_dir(name), ignore_errors=True)
         self._experts.pop(name, None)
         return removed + [name]
 
     # ----- integrity ------------------------------------------------------------------------
     def verify(self) -> dict:
-        """Recompute every file's sha256 against the registry."""
-        listed = [(f"{name}/{fname}", self.expert_dir(name) / fname, digest)
-                  for name, rec in self.registry["experts"].items() for fname, digest in rec["files"].items()]
-        listed += [(rel, self.root / rel, digest) for rel, digest in self.registry.get("router", {}).get("files", {}).items()]
-        problems = [f"{label}: missing" if not path.is_file() else f"{label}: sha256 mismatch"
-                    for label, path, digest in listed if not path.is_file() or registry.sha256_file(path) != digest]
+        """Recompute every file's sha256 against the registry, then read each intact expert's
+        config, weights and stats and the router: every problem is one line, nothing raises."""
+        short = {"is missing": "missing", f"does not match its sha256 in {registry.REGISTRY}": "sha256 mismatch"}
+        problems: list[str] = []
+        for name, rec in self.registry["experts"].items():
+            bad = [f"{name}/{fname}: {short.get(pr, pr)}" for fname, digest in rec["files"].items()
+                   if (pr := registry.file_problem(self.expert_dir(name) / fname, digest, cached=False))]
+            problems += bad or self._readable(name)
+        for rel, digest in self.registry.get("router", {}).get("files", {}).items():
+            if pr := registry.file_problem(self.root / rel, digest, cached=False):
+                problems.append(f"{rel}: {short.get(pr, pr)}")
         if not problems and self.registry.get("router", {}).get("files"):
             try:
                 load_router(self.root, self.registry["router"], self.names, self._stats_reader())
-            except RegistryError as e:
+            except ClipzooError as e:
                 problems.append(str(e))
         return {"ok": not problems, "experts": len(self.registry["experts"]), "problems": problems}
+
+    def _readable(self, name: str) -> list[str]:
+        """Problems reading an expert whose files match their hashes (a registry rehashed over
+        damaged files): its config, weights and stats must parse."""
+        folder = self.expert_dir(name)
+        try:
+            read_config(folder)
+            read_weights(folder)
+            TaskStats.load(folder)
+        except ClipzooError as e:
+            return [str(e)]
+        return []

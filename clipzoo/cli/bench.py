@@ -7,26 +7,29 @@ from pathlib import Path
 
 import click
 
-from clipzoo.cli.options import emit, json_option
+from clipzoo.cli.options import (at_least_one, data_callback, emit, existing_file, fraction, json_option, non_negative,
+                                 positive)
 
 
 @click.command()
-@click.argument("domains", nargs=-1)
+@click.argument("domains", nargs=-1, callback=data_callback)
 @click.option("--builtin", "builtin", type=click.Choice(["synthetic"]), default=None,
               help="Use the built-in synthetic domains.")
 @click.option("--seed", default=0, show_default=True, type=int, help="First seed; also draws the task orders.")
-@click.option("--seeds", default=1, show_default=True, type=int, help="Seeds per order: SEED, SEED+1, ...")
-@click.option("--orders", default=1, show_default=True, type=int,
+@click.option("--seeds", default=1, show_default=True, type=int, callback=at_least_one,
+              help="Seeds per order: SEED, SEED+1, ...")
+@click.option("--orders", default=1, show_default=True, type=int, callback=at_least_one,
               help="Task orders: the given one, then random permutations drawn with --seed.")
-@click.option("--epochs", default=20, show_default=True, type=int)
-@click.option("--lr", default=2e-3, show_default=True, type=float)
+@click.option("--epochs", default=20, show_default=True, type=int, callback=at_least_one)
+@click.option("--lr", default=2e-3, show_default=True, type=float, callback=positive)
 @click.option("--kind", default="clip-adapter", show_default=True, help="The zoo's expert kind.")
 @click.option("--methods", default=None, help="Comma-separated baselines (default: zero-shot,naive,ewc,lwf,zscl,"
               "joint, plus avalanche-naive,avalanche-ewc,avalanche-lwf when avalanche-lib is installed).")
 @click.option("--holdout", default=None, help="A domain kept out of training (a task name of the sequence, a "
               "DIR or builtin:<domain>) to measure the zoo's OOD fallback.")
 @click.option("--resume", is_flag=True, help="Continue a crashed run in --out from its finished steps.")
-@click.option("--threads", default=1, show_default=True, type=int, help="torch threads for training and evaluation.")
+@click.option("--threads", default=1, show_default=True, type=int, callback=at_least_one,
+              help="torch threads for training and evaluation.")
 @click.option("--out", default="bench-out", show_default=True, type=click.Path(file_okay=False))
 @json_option
 def bench(domains: tuple[str, ...], builtin: str | None, seed: int, seeds: int, orders: int, epochs: int, lr: float,
@@ -67,9 +70,11 @@ def demo(out: str, as_json: bool) -> None:
 
 @click.command("pretrain-tiny", hidden=True)
 @click.option("--out", default=None, help="Where to write the weights (default: the packaged asset).")
-@click.option("--config", default=None, help="open_clip model config JSON (default: the packaged clipzoo-tiny.json).")
-@click.option("--samples", default=36_000, show_default=True, type=int, help="Procedural image/caption pairs drawn.")
-@click.option("--epochs", default=6, show_default=True, type=int)
+@click.option("--config", default=None, callback=existing_file,
+              help="open_clip model config JSON (default: the packaged clipzoo-tiny.json).")
+@click.option("--samples", default=36_000, show_default=True, type=int, callback=at_least_one,
+              help="Procedural image/caption pairs drawn.")
+@click.option("--epochs", default=6, show_default=True, type=int, callback=at_least_one)
 @click.option("--seed", default=0, type=int)
 @json_option
 def pretrain_tiny(out: str | None, config: str | None, samples: int, epochs: int, seed: int, as_json: bool) -> None:
@@ -87,12 +92,13 @@ def pretrain_tiny(out: str | None, config: str | None, samples: int, epochs: int
 
 
 @click.command("bench-fusion")
-@click.argument("domains", nargs=-1, required=True)
-@click.option("--new", "new_task", required=True, help="ImageFolder DIR of the new task learned few-shot.")
+@click.argument("domains", nargs=-1, required=True, callback=data_callback)
+@click.option("--new", "new_task", required=True, callback=data_callback,
+              help="ImageFolder DIR of the new task learned few-shot.")
 @click.option("--shots", default="4,16,all", show_default=True, help="Training images per class of the new task.")
-@click.option("--top-k", default=2, show_default=True, type=int)
+@click.option("--top-k", default=2, show_default=True, type=int, callback=at_least_one)
 @click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--epochs", default=20, show_default=True, type=int)
+@click.option("--epochs", default=20, show_default=True, type=int, callback=at_least_one)
 @click.option("--out", default="bench-fusion-out", show_default=True, type=click.Path(file_okay=False))
 @json_option
 def bench_fusion(domains: tuple[str, ...], new_task: str, shots: str, top_k: int, seed: int, epochs: int, out: str,
@@ -118,13 +124,16 @@ def bench_fusion(domains: tuple[str, ...], new_task: str, shots: str, top_k: int
 
 
 @click.command("bench-kinds")
-@click.argument("domains", nargs=-1, required=True)
+@click.argument("domains", nargs=-1, required=True, callback=data_callback)
 @click.option("--methods", default=None, help="Comma-separated kinds or '+' stacks (default: every kind and two stacks).")
-@click.option("--epochs", default=None, type=int, help="The same for every kind (default: each kind's own).")
-@click.option("--lr", default=None, type=float, help="The same for every kind (default: each kind's own).")
+@click.option("--epochs", default=None, type=int, callback=at_least_one,
+              help="The same for every kind (default: each kind's own).")
+@click.option("--lr", default=None, type=float, callback=positive,
+              help="The same for every kind (default: each kind's own).")
 @click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--repeats", default=7, show_default=True, type=int, help="Latency repeats (median).")
-@click.option("--batch", default=128, show_default=True, type=int, help="Latency batch size.")
+@click.option("--repeats", default=7, show_default=True, type=int, callback=at_least_one,
+              help="Latency repeats (median).")
+@click.option("--batch", default=128, show_default=True, type=int, callback=at_least_one, help="Latency batch size.")
 @click.option("--out", default="bench-kinds", show_default=True, type=click.Path(file_okay=False))
 @json_option
 def bench_kinds(domains: tuple[str, ...], methods: str | None, epochs: int | None, lr: float | None, seed: int,
@@ -144,14 +153,16 @@ def bench_kinds(domains: tuple[str, ...], methods: str | None, epochs: int | Non
 
 
 @click.command("bench-router")
-@click.argument("domains", nargs=-1)
-@click.option("--holdout", default=None, help="A domain never learned: OOD AUROC and fallback rates on it.")
-@click.option("--scale", default=0, show_default=True, type=int,
+@click.argument("domains", nargs=-1, callback=data_callback)
+@click.option("--holdout", default=None, callback=data_callback,
+              help="A domain never learned: OOD AUROC and fallback rates on it.")
+@click.option("--scale", default=0, show_default=True, type=int, callback=non_negative,
               help="Also time the router update per added task up to N synthetic tasks (0: skip).")
-@click.option("--epochs", default=20, show_default=True, type=int, help="Expert training epochs per domain.")
-@click.option("--exemplars", default=0, show_default=True, type=int,
+@click.option("--epochs", default=20, show_default=True, type=int, callback=at_least_one,
+              help="Expert training epochs per domain.")
+@click.option("--exemplars", default=0, show_default=True, type=int, callback=non_negative,
               help="Also run a learned router keeping this many real features per task (0: off).")
-@click.option("--ood-quantile", default=0.99, show_default=True, type=float,
+@click.option("--ood-quantile", default=0.99, show_default=True, type=float, callback=fraction,
               help="Held-out in-distribution quantile that sets the fallback threshold.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--out", default=None, type=click.Path(file_okay=False), help="Write router-bench.json here.")

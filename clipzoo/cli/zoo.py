@@ -6,11 +6,29 @@ import sys
 
 import click
 
-from clipzoo.cli.options import emit, json_option, zoo_option
+from clipzoo.cli.options import (at_least_one, data_callback, emit, existing_zoo_option, fraction, json_option,
+                                 new_zoo_option, positive)
+from clipzoo.errors import ConfigError
+
+
+def _name(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    from clipzoo.tasks.spec import check_name
+
+    return check_name(value)
+
+
+def _settings(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...]:
+    """The shape of each ``--set KIND.KEY=VALUE`` (its meaning is checked with the expert kind)."""
+    for pair in value:
+        key, eq, _ = pair.partition("=")
+        kind, dot, field_name = key.strip().partition(".")
+        if not (eq and dot and kind and field_name):
+            raise ConfigError(f"bad setting {pair!r}: use KIND.KEY=VALUE, e.g. lora.rank=8")
+    return value
 
 
 @click.command()
-@zoo_option
+@new_zoo_option
 @click.option("--backbone", default="clipzoo-tiny", show_default=True,
               help="open_clip model name (ViT-B-32, ...) or hf-hub:org/repo.")
 @click.option("--pretrained", default=None, help="Pretrained tag (laion2b_s34b_b79k) or checkpoint file; "
@@ -34,15 +52,17 @@ def init(zoo_dir: str, backbone: str, pretrained: str | None, as_json: bool) -> 
 
 
 @click.command("add-task")
-@zoo_option
-@click.option("--name", required=True, help="Task name (letters, digits, _ - .).")
-@click.option("--data", required=True, help="ImageFolder DIR (DIR/train/<class>/*, DIR/test/<class>/*) or builtin:<domain>.")
+@existing_zoo_option
+@click.option("--name", required=True, callback=_name, help="Task name (letters, digits, _ - .).")
+@click.option("--data", required=True, callback=data_callback,
+              help="ImageFolder DIR (DIR/train/<class>/*, DIR/test/<class>/*) or builtin:<domain>.")
 @click.option("--kind", default="clip-adapter", show_default=True, help="Expert kind, or a stack joined by '+'.")
-@click.option("--epochs", default=None, type=int,
+@click.option("--epochs", default=None, type=int, callback=at_least_one,
               help="Training epochs [default: 20; 10 when the stack works inside an encoder: vit-adapter, vl-adapter, lora].")
-@click.option("--lr", default=None, type=float, help="Learning rate [default: 2e-3; 5e-3 inside an encoder].")
+@click.option("--lr", default=None, type=float, callback=positive,
+              help="Learning rate [default: 2e-3; 5e-3 inside an encoder].")
 @click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--set", "set_", multiple=True, metavar="KIND.KEY=VALUE",
+@click.option("--set", "set_", multiple=True, callback=_settings, metavar="KIND.KEY=VALUE",
               help="A setting of one kind in the stack (VALUE is JSON or a word), or expert.kl_weight / "
                    "expert.ensemble for the whole stack; repeatable.")
 @click.option("--from", "sources", default=None, help="With --kind fusion: experts to compose, A,B,... (default: all).")
@@ -77,7 +97,7 @@ def add_task(zoo_dir: str, name: str, data: str, kind: str, epochs: int | None, 
 
 
 @click.command("list")
-@zoo_option
+@existing_zoo_option
 @json_option
 def list_(zoo_dir: str, as_json: bool) -> None:
     """List the zoo's experts."""
@@ -90,7 +110,7 @@ def list_(zoo_dir: str, as_json: bool) -> None:
 
 
 @click.command()
-@zoo_option
+@existing_zoo_option
 @click.option("--name", required=True)
 @click.option("--cascade", is_flag=True, help="Also remove the fusion experts composed from it.")
 @json_option
@@ -108,7 +128,7 @@ def remove(zoo_dir: str, name: str, cascade: bool, as_json: bool) -> None:
 
 
 @click.command()
-@zoo_option
+@existing_zoo_option
 @json_option
 def verify(zoo_dir: str, as_json: bool) -> None:
     """Recompute every file's sha256; exit 1 on any mismatch."""
@@ -121,10 +141,10 @@ def verify(zoo_dir: str, as_json: bool) -> None:
 
 
 @click.command("router")
-@zoo_option
+@existing_zoo_option
 @click.option("--kind", type=click.Choice(["learned", "nearest-stats"]), default=None,
               help="Switch the routing policy (rebuilds the router from the stored statistics).")
-@click.option("--ood-quantile", default=None, type=float,
+@click.option("--ood-quantile", default=None, type=float, callback=fraction,
               help="In-distribution quantile that sets the zero-shot fallback threshold (e.g. 0.99).")
 @click.option("--rebuild", is_flag=True, help="Retrain the router from every task's statistics.")
 @json_option

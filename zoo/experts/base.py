@@ -18,14 +18,63 @@ from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from clipzoo import __version__
-from clipzoo.errors import BackboneError, ConfigError
+from clipzoo.errors import BackboneError, ClipzooError, ConfigError, IntegrityError
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "weights.safetensors"
+CONFIG_KEYS = ("kind", "classes", "templates", "logit_scale", "backbone_fingerprint")  # every config has these
+
+
+def _damaged(folder: Path, fname: str, problem: str) -> IntegrityError:
+    """One line naming the expert, its file, what is wrong and the fix."""
+    where = f" --zoo {folder.parent.parent} --name {folder.name}" if folder.parent.name == "experts" else ""
+    return IntegrityError(f"expert {folder.name!r}: {fname} {problem}; restore it (clipzoo pull) "
+                          f"or remove the expert (clipzoo remove{where})")
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+def read_config(folder: Path) -> dict:
+    """An expert's ``config.json``, refused (IntegrityError) when the folder or file is missing,
+    unreadable, not a JSON object, or lacks a field every expert's config has."""
+    path = folder / CONFIG_FILE
+    if not folder.is_dir():
+        raise _damaged(folder, "folder", f"{folder} is missing")
+    try:
+        cfg = json.loads(path.read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        raise _damaged(folder, CONFIG_FILE, "is missing") from None
+    except OSError as e:
+        raise _damaged(folder, CONFIG_FILE, f"cannot be read ({e.strerror or e})") from e
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise _damaged(folder, CONFIG_FILE, f"is not valid JSON ({_one_line(e)})") from e
+    if not isinstance(cfg, dict):
+        raise _damaged(folder, CONFIG_FILE, "is not a JSON object")
+    lack = [k for k in CONFIG_KEYS if k not in cfg]
+    if lack:
+        raise _damaged(folder, CONFIG_FILE, f"lacks {', '.join(lack)}")
+    return cfg
+
+
+def read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """An expert's tensors from ``weights.safetensors`` (safetensors never unpickles); a missing,
+    truncated or foreign file (a pickle, say) is one IntegrityError."""
+    try:
+        return load_file(str(folder / WEIGHTS_FILE))
+    except FileNotFoundError:
+        raise _damaged(folder, WEIGHTS_FILE, "is missing") from None
+    except OSError as e:
+        raise _damaged(folder, WEIGHTS_FILE, f"cannot be read ({e.strerror or e})") from e
+    except (SafetensorError, ValueError) as e:
+        raise _damaged(folder, WEIGHTS_FILE, f"is not a valid safetensors file ({_one_line(e)})") from e
 
 
 def _no_source(name: str):
@@ -142,15 +191,27 @@ class Expert(nn.Module):
 
     @classmethod
     def from_pretrained(cls, folder: Path, backbone, zoo: Sources | None = None) -> "Expert":
-        """Load an expert saved by :meth:`save_pretrained`; refuses one trained on another backbone."""
-        cfg = json.loads((folder / CONFIG_FILE).read_text())
+        """Load an expert saved by :meth:`save_pretrained`; refuses one trained on another backbone.
+        A damaged folder (bad JSON, a missing field, foreign or mismatched weights) is one
+        IntegrityError naming the expert, never a traceback."""
+        cfg = read_config(folder)
         if cfg["backbone_fingerprint"] != backbone.fingerprint:
             raise BackboneError(
-                f"expert in {folder.name} was trained on backbone {cfg['backbone_fingerprint'][:12]}, "
+                f"expert in {folder.name} was trained on backbone {str(cfg['backbone_fingerprint'])[:12]}, "
                 f"not on the loaded {backbone.fingerprint[:12]} ({backbone.spec}): open it with its own backbone")
-        state = load_file(str(folder / WEIGHTS_FILE))
-        expert = expert_type(cfg["kind"])._from_config(cfg, state, backbone, zoo or Sources())
-        expert.load_state_dict(state, strict=True)
+        state = read_weights(folder)
+        try:
+            expert = expert_type(str(cfg["kind"]))._from_config(cfg, state, backbone, zoo or Sources())
+        except ClipzooError:
+            raise
+        except KeyError as e:
+            raise _damaged(folder, f"{CONFIG_FILE} or {WEIGHTS_FILE}", f"lacks {e}") from e
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise _damaged(folder, CONFIG_FILE, f"has a bad value ({_one_line(e)})") from e
+        try:
+            expert.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            raise _damaged(folder, WEIGHTS_FILE, f"does not fit its config ({_one_line(e)})") from e
         return expert.eval()
 
 
