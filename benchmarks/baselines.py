@@ -17,8 +17,11 @@ text-initialised classifier; they differ only in what they add to the cross-entr
 - ``zscl``: ``beta * T^2 * KL(p_clip^T || p_new^T)`` over a reference vocabulary (seen classes and
   a fixed list of reference texts), ``p_clip`` from the frozen CLIP's image-text similarities
   (the distillation part of ZSCL, Zheng 2023 / CLIP-CITE; no weight ensembling);
-- ``joint``: retrained from scratch on every task seen so far at each step (stores all data;
-  an upper bound, not a continual method).
+- ``joint``: the same shared adapter and heads retrained from scratch at each step on the
+  features of every task seen so far (keeps all training data; not a continual method, and no
+  bound on the others: a classifier built from stored statistics, ``slda``, can beat it).
+
+The training-free ``slda`` baseline lives in :mod:`clipzoo.bench.slda`.
 """
 
 from __future__ import annotations
@@ -291,10 +294,11 @@ class ZSCL(NaiveSequential):
 
 
 class Joint(NaiveSequential):
-    """Joint training on every task seen so far, from scratch at each step (upper bound; stores all data)."""
+    """Joint training: the shared adapter and heads retrained from scratch at each step on every
+    task seen so far (stores all training features)."""
 
     name = "joint"
-    note = "upper bound: retrained on all data seen so far"
+    note = "shared adapter retrained from scratch on all training data seen so far (keeps every image)"
 
     def __init__(self, class_embs: list[torch.Tensor], logit_scale: float, train: TrainSettings):
         super().__init__(class_embs, logit_scale, train)

@@ -2,9 +2,12 @@
 
 For every (order, seed) run the zoo is a real zoo directory grown with ``Zoo.add_task``; the
 baselines (:mod:`clipzoo.bench.baselines`) run in the same run on the same cached frozen features with the
-same epochs, learning rate and seed. Lower-triangle entries (``j <= i``) are task-agnostic but for
+same epochs, learning rate and seed, after each baseline's own hyper-parameter was chosen on
+validation data carved from the first two tasks' training splits (:mod:`clipzoo.bench.tuning`;
+test splits only report). Lower-triangle entries (``j <= i``) are task-agnostic but for
 the ``zoo-oracle`` row: an answer counts only if it names the right task and the right class. Upper-triangle entries (``j > i``) give the task's class names (zero-shot transfer to a
-task not learned yet). Finished steps are checkpointed (:mod:`clipzoo.bench.resume`), so ``resume=True``
+task not learned yet; a method that cannot score unseen classes, the zoo and ``slda``, answers with frozen
+zero-shot CLIP there). Finished steps are checkpointed (:mod:`clipzoo.bench.resume`), so ``resume=True``
 continues a crashed run. The result's layout is documented in ``benchmarks/REPORT_SCHEMA.md``.
 """
 
@@ -24,11 +27,14 @@ import torch
 from safetensors.torch import load_file
 
 from clipzoo.bench import baselines as B
+from clipzoo.bench import tuning
+from clipzoo.bench.slda import SLDA
 from clipzoo.tasks.metrics import METRIC_KEYS, mean_std, seen_accuracy_per_step, summary
 from clipzoo.bench.resume import StepStore
 from clipzoo.tasks.sequence import task_orders
 from clipzoo.tasks.spec import TaskData
 from clipzoo.tasks.synthetic import DOMAINS as REFERENCE_VOCAB
+from clipzoo.tasks.validation import DEFAULT_SEED as VAL_SEED
 from clipzoo.zoo.backbone import Backbone, BackboneSpec, load_backbone
 from clipzoo.zoo.cache import backbone_features
 from clipzoo.errors import ConfigError
@@ -38,9 +44,9 @@ from clipzoo.zoo.zoo import Zoo
 
 __all__ = ["BenchSettings", "default_methods", "run_benchmark", "METHODS", "ZOO_ROWS"]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 ZOO_ROWS = ("zoo", "zoo-oracle")
-METHODS = ("zero-shot", "naive", "ewc", "lwf", "zscl", "joint")
+METHODS = ("zero-shot", "slda", "naive", "ewc", "lwf", "zscl", "joint")
 CROSS_CHECKS = ("avalanche-naive", "avalanche-ewc", "avalanche-lwf")
 
 
@@ -69,6 +75,11 @@ class BenchSettings:
     ewc_lambda: float = 1e3
     lwf_alpha: float = 1.0
     zscl_beta: float = 1.0
+    slda_shrinkage: float = 1e-2
+    # choose ewc_lambda, lwf_alpha, zscl_beta and slda_shrinkage on validation data (tuning.GRIDS);
+    # False keeps the values above
+    tune: bool = True
+    val_fraction: float = 0.1  # of each training split, per class, for that choice
     threads: int = 1  # torch threads; tiny feature-space models run fastest (and steadiest) on one
     # the shared-adapter baselines train their heads at the full lr (as avalanche's strategies do;
     # stronger baselines than the experts' 0.1x recipe); the zoo's experts keep TrainSettings' default
@@ -86,6 +97,8 @@ class BenchSettings:
                               f"choose from {', '.join(METHODS + CROSS_CHECKS)}")
         if any(m in CROSS_CHECKS for m in self.methods) and not avalanche_available():
             raise ConfigError("the avalanche-* cross-checks need avalanche-lib: pip install 'clipzoo[bench]'")
+        if not 0 < self.val_fraction < 1 or not 0 <= self.slda_shrinkage <= 1:
+            raise ConfigError("val_fraction must be in (0, 1) and slda_shrinkage in [0, 1]")
         if min(self.epochs, self.batch_size, self.seeds, self.threads) < 1 or self.lr <= 0:
             raise ConfigError("epochs, batch size, --seeds and --threads must be >= 1 and lr > 0")
 
@@ -111,6 +124,7 @@ def _build(names: list[str], embs: list[torch.Tensor], bb: Backbone, train: Trai
                                     ["a photo of a {}."]) if "zscl" in names else None
     make = {
         "zero-shot": lambda: B.ZeroShot(embs, scale),
+        "slda": lambda: SLDA(embs, scale, shrinkage=s.slda_shrinkage),
         "naive": lambda: B.NaiveSequential(embs, scale, train),
         "ewc": lambda: B.EWC(embs, scale, train, lam=s.ewc_lambda),
         "lwf": lambda: B.LwF(embs, scale, train, alpha=s.lwf_alpha),
@@ -263,7 +277,7 @@ def _run(rid: str, order: list[int], seed: int, all_tasks: list[TaskData], all_f
                   "oracle_acc": round(p["given"] / p["n"], 6),
                   "routing_accuracy": round(last["routed"] / last["n_seen"], 6) if n == "zoo" else None,
                   "uses_task_ids": n == "zoo-oracle",
-                  "note": m.note if m else ("routed experts" if n == "zoo" else "upper bound: task id given"),
+                  "note": m.note if m else ("routed experts" if n == "zoo" else "the zoo's experts with the task id given"),
                   "cross_check": n in CROSS_CHECKS,
                   "trainable_params": costs[n][0], "stored_params": costs[n][1], "stored_images": costs[n][2],
                   "train_seconds": round(sum(r["train_seconds"][n if n != "zoo-oracle" else "zoo"] for r in recs), 3),
@@ -315,6 +329,7 @@ def run_benchmark(tasks: list[TaskData], settings: BenchSettings = BenchSettings
         feats = _encode(tasks + ([holdout] if holdout else []), bb)
         encode_seconds = time.perf_counter() - t0
         held = (holdout.name, feats.pop()[2]) if holdout else None
+        settings, tuned = _tune(settings, tasks, feats, bb)
         orders = task_orders(len(tasks), settings.orders, settings.seed)
         runs = []
         for o, order in enumerate(orders):
@@ -323,7 +338,7 @@ def run_benchmark(tasks: list[TaskData], settings: BenchSettings = BenchSettings
                 first = not runs
                 runs.append(_run(rid, order, seed, tasks, feats, bb, settings, root / "runs" / rid,
                                  root / "zoo" if first else root / "runs" / rid / "zoo", resume, held))
-        result = _assemble(runs, settings, bb, tasks, holdout, encode_seconds, time.perf_counter() - t_start)
+        result = _assemble(runs, settings, bb, tasks, holdout, encode_seconds, time.perf_counter() - t_start, tuned)
         if out:
             write_report(result, root)
         return result
@@ -333,8 +348,23 @@ def run_benchmark(tasks: list[TaskData], settings: BenchSettings = BenchSettings
             tmp.cleanup()
 
 
+def _tune(s: BenchSettings, tasks: list[TaskData], feats: list, bb: Backbone) -> tuple[BenchSettings, dict]:
+    """The settings with each baseline's own hyper-parameter chosen on validation data carved from
+    the first two tasks' training splits (:mod:`clipzoo.bench.tuning`), and what was tried."""
+    if not s.tune:
+        return s, {"tuned": False, "reason": "tune=False: the given values were used"}
+    embs = [bb.class_embeddings(t.classes, t.templates) for t in tasks[:2]]
+    train = replace(s.train(s.seed), head_lr_scale=s.baseline_head_lr_scale)
+
+    def build(method: str, key: str, value: float):
+        return _build([method], embs, bb, train, replace(s, **{key: value}))[0]
+
+    res = tuning.choose(build, s.methods, feats, [t.name for t in tasks], s.val_fraction, VAL_SEED, s.seed)
+    return replace(s, **res["chosen"]), {"tuned": True, **res}
+
+
 def _assemble(runs: list[dict], s: BenchSettings, bb: Backbone, tasks: list[TaskData], holdout: TaskData | None,
-              encode_seconds: float, total: float) -> dict:
+              encode_seconds: float, total: float, tuned: dict) -> dict:
     first = runs[0]
     zoo = first["methods"]["zoo"]
     names = list(first["methods"])
@@ -357,7 +387,7 @@ def _assemble(runs: list[dict], s: BenchSettings, bb: Backbone, tasks: list[Task
         "memory": {"peak_rss_mb": peak_rss_mb(),
                    "note": "peak resident memory of the whole benchmark process (all methods share it); "
                            "per-method state is in stored_params (float32 numbers)"},
-        "settings": {**asdict(s), "router": first["router"],
+        "settings": {**asdict(s), "router": first["router"], "tuning": tuned,
                      "task_ids_at_test": False, "backbone_fingerprint": bb.fingerprint,
                      "backbone_params": bb.num_params, "sources": [t.source for t in tasks],
                      "holdout": holdout.source if holdout else None,

@@ -8,18 +8,21 @@ from pathlib import Path
 
 import matplotlib
 
-from clipzoo.tasks.metrics import METRIC_KEYS
+from clipzoo.tasks.metrics import METRIC_KEYS, SOURCES
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 COLUMNS = list(METRIC_KEYS)
-ACC = COLUMNS[:8]  # the accuracy columns; the rest are costs
-HEAD = {"task_agnostic_acc": "task-agnostic", "oracle_acc": "task ids given", "routing_accuracy": "routing",
+ACC = COLUMNS[:COLUMNS.index("trainable_params")]  # the accuracy columns; the rest are costs
+HEAD = {"avg_mtil": "avg (MTIL)", "avg_inc": "avg inc", "task_agnostic_acc": "task-agnostic", "oracle_acc": "task ids given", "routing_accuracy": "routing",
         "trainable_params": "trainable params", "stored_params": "stored params", "train_seconds": "train s",
         "infer_ms_per_image": "infer ms/img"}
 LABEL = {"zoo": "zoo (routed)", "zoo-oracle": "zoo, oracle task ids (routing upper bound)",
-         "joint": "joint (upper bound)"}
+         "joint": "joint (retrained on all seen data)"}
+DEFINED = {"avg_mtil": "mean of all T x T cells of R", "avg_inc": "mean over steps of the seen-task mean",
+           "last": "mean of R's last row", "forgetting": "mean drop from each task's best earlier accuracy",
+           "bwt": "mean of R[T-1][j] - R[j][j]", "transfer": "mean of the upper triangle per task (unseen tasks)"}
 
 
 def _fmt(v, key: str) -> str:
@@ -120,6 +123,27 @@ def _ood_md(ood: dict) -> str:
             f"false-fallback rate on the known domains {ood['false_fallback_rate']:.3f}.")
 
 
+def metrics_md() -> str:
+    """One line per matrix metric: its definition and source."""
+    return "Metrics (formulas in `tasks/metrics.py`): " + "; ".join(
+        f"{HEAD.get(k, k)} (`{k}`) = {DEFINED[k]} [{SOURCES[k]}]" for k in DEFINED) + "."
+
+
+def tuning_md(s: dict) -> str:
+    """The baselines' hyper-parameters and how they were chosen."""
+    t = s.get("tuning") or {}
+    if not t.get("tuned"):
+        return (f"Baseline hyper-parameters as given (not tuned): EWC lambda {s.get('ewc_lambda')}, LwF alpha "
+                f"{s.get('lwf_alpha')}, ZSCL beta {s.get('zscl_beta')}, SLDA shrinkage {s.get('slda_shrinkage')}.")
+    sizes = ", ".join(f"{n} {a}/{b}" for n, (a, b) in zip(t["on"], t["val_sizes"]))
+    rows = "; ".join(f"{k} = {t['chosen'][k]:g} from {{{', '.join(f'{v:g}' for v in t['grids'][k])}}} "
+                     f"(validation acc {', '.join(f'{a:.3f}' for a in t['scores'][k])})" for k in t["chosen"])
+    return (f"Baseline hyper-parameters chosen on validation data ({t['criterion']}; {t['fraction']:.0%} of each "
+            f"training split per class, seed {t['val_seed']}; train/validation images: {sizes}; "
+            f"{t['seconds']:.1f}s): {rows or 'none of the tuned methods ran'}. "
+            "Every method then trains on the full training splits; test splits only report.")
+
+
 def write_report(res: dict, out: Path) -> dict[str, str]:
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(res, indent=2) + "\n")
@@ -134,10 +158,12 @@ def write_report(res: dict, out: Path) -> dict[str, str]:
         f"lr {s['lr']}, batch {s['batch_size']}; router: {s['router']}. Every method trains on the same cached "
         "features with the same epochs, learning rate, batch size and seed. "
         "Task ids at test time: no, except rows marked 'yes'. Accuracies are fractions in 0..1.",
-        "Baselines share one CLIP-Adapter with text-initialised heads "
-        f"(head lr x{s.get('baseline_head_lr_scale', 1)}); "
-        f"EWC lambda {s.get('ewc_lambda')}, LwF alpha {s.get('lwf_alpha')}, ZSCL beta {s.get('zscl_beta')}; "
-        "rows marked cross-check are avalanche-lib's own strategies on the same model and features.",
+        "The trained baselines share one CLIP-Adapter with text-initialised heads "
+        f"(head lr x{s.get('baseline_head_lr_scale', 1)}); slda is training-free (class Gaussians from "
+        "per-task statistics); rows marked cross-check are avalanche-lib's own strategies on the same model "
+        "and features. Above the diagonal every method is given the unseen task's class names; the zoo and "
+        "slda, which cannot score classes they have no expert or statistics for, answer with zero-shot CLIP there.",
+        tuning_md(s), metrics_md(),
         f"Runs: {len(runs)} ({s.get('n_orders', 1)} order(s) x {s.get('n_seeds', 1)} seed(s)); "
         + ("cells are mean ± std over the runs (costs: mean)." if len(runs) > 1 else "one run."), "",
         markdown_table(res), "",

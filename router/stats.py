@@ -15,9 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
-from sklearn.covariance import LedoitWolf
-
 from clipzoo.router.ood import class_gaussians, heldout_quantiles
+from clipzoo.router.shrinkage import ledoit_wolf
 
 STATS_FILE = "stats.safetensors"
 
@@ -70,7 +69,8 @@ class TaskStats:
 
 
 def _shrunk_cov(x: np.ndarray) -> np.ndarray:
-    return LedoitWolf(assume_centered=False).fit(x).covariance_
+    """Ledoit-Wolf shrunk covariance (:func:`clipzoo.router.shrinkage.ledoit_wolf`, torch)."""
+    return ledoit_wolf(torch.from_numpy(x)).numpy()
 
 
 def compute_stats(feats: torch.Tensor, labels: torch.Tensor, num_classes: int) -> TaskStats:

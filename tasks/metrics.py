@@ -2,10 +2,17 @@
 
 ``R[i][j]`` is the accuracy on task ``j``'s test set after training step ``i`` (T x T, fractions
 in 0..1). Entries with ``j > i`` are accuracies on tasks not learned yet (zero-shot transfer).
-Each metric is defined once here, with its formula. Avg, Last and Transfer are in 0..1; BWT and
-Forgetting in -1..1: forgetting makes BWT < 0 and Forgetting > 0, and Forgetting >= -BWT always
-(the best earlier accuracy is at least the one right after learning). Forgetting is negative only
-when a task's final accuracy beats every earlier one (Chaudhry et al. 2018 do not clip it; nor do we).
+Each metric is defined once here, with its formula and its source:
+
+- ``avg_mtil``, ``last``, ``transfer``: the MTIL protocol of ZSCL (Zheng et al., 2023), "Avg",
+  "Last" and "Transfer";
+- ``avg_inc``: average incremental accuracy (Rebuffi et al., 2017, iCaRL);
+- ``forgetting``: Chaudhry et al., 2018 (RWalk), not clipped at 0;
+- ``bwt``: backward transfer (Lopez-Paz & Ranzato, 2017, GEM).
+
+Avg, Last and Transfer are in 0..1; BWT and Forgetting in -1..1: forgetting makes BWT < 0 and
+Forgetting > 0, and Forgetting >= -BWT always (the best earlier accuracy is at least the one right
+after learning). Forgetting is negative only when a task's final accuracy beats every earlier one.
 """
 
 from __future__ import annotations
@@ -16,10 +23,18 @@ import numpy as np
 
 Matrix = Sequence[Sequence[float]]
 
-
+# the keys summary() returns, in report column order
+MATRIX_KEYS = ("avg_mtil", "avg_inc", "last", "forgetting", "bwt", "transfer")
 # every method entry's aggregated metrics, in report column order (accuracies first, then costs)
-METRIC_KEYS = ("avg", "last", "forgetting", "bwt", "transfer", "task_agnostic_acc", "oracle_acc",
-               "routing_accuracy", "trainable_params", "stored_params", "train_seconds", "infer_ms_per_image")
+METRIC_KEYS = MATRIX_KEYS + ("task_agnostic_acc", "oracle_acc", "routing_accuracy",
+                             "trainable_params", "stored_params", "train_seconds", "infer_ms_per_image")
+# where each matrix metric comes from (REPORT_SCHEMA.md and report.md cite these)
+SOURCES = {"avg_mtil": "ZSCL (Zheng et al., 2023), MTIL 'Avg'",
+           "avg_inc": "Rebuffi et al., 2017 (iCaRL), average incremental accuracy",
+           "last": "ZSCL (Zheng et al., 2023), MTIL 'Last'",
+           "forgetting": "Chaudhry et al., 2018",
+           "bwt": "Lopez-Paz & Ranzato, 2017",
+           "transfer": "ZSCL (Zheng et al., 2023), MTIL 'Transfer'"}
 
 
 def accuracy(pred, true) -> float:
@@ -40,20 +55,26 @@ def seen_accuracy_per_step(R: Matrix) -> list[float]:
     return [float(a[i, : i + 1].mean()) for i in range(len(a))]
 
 
-def avg_accuracy(R: Matrix) -> float:
-    """Avg = (1/T) * sum_i A_i (see :func:`seen_accuracy_per_step`): mean over steps of the seen-task mean."""
+def avg_inc(R: Matrix) -> float:
+    """Average incremental accuracy (Rebuffi et al. 2017): avg_inc = (1/T) * sum_i A_i, with A_i
+    the seen-task mean after step i (:func:`seen_accuracy_per_step`); lower triangle only."""
     return float(np.mean(seen_accuracy_per_step(R)))
 
 
+def avg_mtil(R: Matrix) -> float:
+    """MTIL "Avg" (ZSCL, Zheng et al. 2023): avg_mtil = (1/T^2) * sum_i sum_j R[i][j], the mean of
+    all T x T entries, the upper (not yet learned, zero-shot) triangle included."""
+    return float(_m(R).mean())
+
+
 def last_accuracy(R: Matrix) -> float:
-    """Last = (1/T) * sum_j R[T-1][j]: mean accuracy over all tasks after the final step."""
+    """Last (ZSCL) = (1/T) * sum_j R[T-1][j]: mean accuracy over all tasks after the final step."""
     return float(_m(R)[-1].mean())
 
 
 def forgetting(R: Matrix) -> float:
-    """Forgetting = (1/(T-1)) * sum_{j<T-1} ( max_{j<=i<T-1} R[i][j] - R[T-1][j] ); 0 when T == 1.
-
-    Positive when accuracy dropped from its best earlier value; not clipped at 0."""
+    """Forgetting (Chaudhry et al. 2018) = (1/(T-1)) * sum_{j<T-1} ( max_{j<=i<T-1} R[i][j] - R[T-1][j] );
+    0 when T == 1. Positive when accuracy dropped from its best earlier value; not clipped at 0."""
     a = _m(R)
     T = len(a)
     if T == 1:
@@ -62,7 +83,8 @@ def forgetting(R: Matrix) -> float:
 
 
 def backward_transfer(R: Matrix) -> float:
-    """BWT = (1/(T-1)) * sum_{j<T-1} ( R[T-1][j] - R[j][j] ); negative means forgetting; 0 when T == 1."""
+    """BWT (Lopez-Paz & Ranzato 2017) = (1/(T-1)) * sum_{j<T-1} ( R[T-1][j] - R[j][j] ); negative
+    means forgetting; 0 when T == 1."""
     a = _m(R)
     T = len(a)
     if T == 1:
@@ -71,8 +93,8 @@ def backward_transfer(R: Matrix) -> float:
 
 
 def transfer(R: Matrix) -> float:
-    """Transfer (MTIL) = (1/(T-1)) * sum_{j>=1} [ (1/j) * sum_{i<j} R[i][j] ]: accuracy on tasks
-    before they are learned; 0 when T == 1."""
+    """Transfer (ZSCL's MTIL) = (1/(T-1)) * sum_{j>=1} [ (1/j) * sum_{i<j} R[i][j] ]: accuracy on
+    tasks before they are learned; 0 when T == 1."""
     a = _m(R)
     T = len(a)
     if T == 1:
@@ -89,11 +111,7 @@ def mean_std(values: Sequence[float | None]) -> dict[str, float | int | None]:
 
 
 def summary(R: Matrix) -> dict[str, float]:
-    """All matrix metrics, rounded to 6 places."""
-    return {
-        "avg": round(avg_accuracy(R), 6),
-        "last": round(last_accuracy(R), 6),
-        "forgetting": round(forgetting(R), 6),
-        "bwt": round(backward_transfer(R), 6),
-        "transfer": round(transfer(R), 6),
-    }
+    """All matrix metrics (the keys of :data:`MATRIX_KEYS`), rounded to 6 places."""
+    fns = {"avg_mtil": avg_mtil, "avg_inc": avg_inc, "last": last_accuracy, "forgetting": forgetting,
+           "bwt": backward_transfer, "transfer": transfer}
+    return {k: round(fns[k](R), 6) for k in MATRIX_KEYS}

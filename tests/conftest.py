@@ -28,11 +28,15 @@ def _feature_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def data_root(request) -> Path:
-    """The real domains; skips (with the reason) when they are not on this machine."""
+    """The real domains; skips (with the reason) when they are not on this machine, but fails when
+    ``CLIPZOO_REQUIRE_DATA=1`` (set by ``.ci/run``: CI must run the real-data tests)."""
     opt = request.config.getoption("--data-dir") or os.environ.get("CLIPZOO_DATA")
     root = Path(opt) if opt else REPO.parent / "shared" / "data"
     if not (root / "mnist" / "train").is_dir():
-        pytest.skip(f"real image data not found at {root}: pass --data-dir or set CLIPZOO_DATA")
+        why = f"real image data not found at {root}: pass --data-dir or set CLIPZOO_DATA"
+        if os.environ.get("CLIPZOO_REQUIRE_DATA") == "1":
+            pytest.fail(f"{why} (CLIPZOO_REQUIRE_DATA=1: required here)", pytrace=False)
+        pytest.skip(why)
     return root
 
 

@@ -17,7 +17,7 @@ def test_demo_writes_report_and_zoo_forgets_less_than_naive(tmp_path):
     for key in ("tasks", "acc_matrix", "metrics", "baselines", "timing", "settings"):
         assert key in r
     m = r["metrics"]
-    for key in ("avg", "last", "forgetting", "bwt", "transfer", "task_agnostic_acc", "oracle_acc", "routing_accuracy"):
+    for key in ("avg_mtil", "avg_inc", "last", "forgetting", "bwt", "transfer", "task_agnostic_acc", "oracle_acc", "routing_accuracy"):
         assert key in m
     assert m["routing_accuracy"] > 0.9
     assert m["forgetting"] < r["baselines"]["naive"]["forgetting"]

@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from clipzoo.tasks.metrics import (avg_accuracy, backward_transfer, forgetting, last_accuracy, mean_std,
-                           seen_accuracy_per_step, summary, transfer)
+from clipzoo.tasks.metrics import (MATRIX_KEYS, METRIC_KEYS, SOURCES, avg_inc, avg_mtil, backward_transfer,
+                                   forgetting, last_accuracy, mean_std, seen_accuracy_per_step, summary, transfer)
 
 # R[i][j]: accuracy on task j after step i
 R3 = [[0.9, 0.1, 0.2],
@@ -23,11 +23,28 @@ R3_PEAK = [[0.5, 0.0, 0.0],
 
 def test_hand_computed_matrix():
     assert seen_accuracy_per_step(R3) == pytest.approx([0.9, 0.7, 0.7])
-    assert avg_accuracy(R3) == pytest.approx((0.9 + 0.7 + 0.7) / 3)
+    assert avg_inc(R3) == pytest.approx((0.9 + 0.7 + 0.7) / 3)
+    assert avg_mtil(R3) == pytest.approx((0.9 + 0.1 + 0.2 + 0.6 + 0.8 + 0.3 + 0.5 + 0.7 + 0.9) / 9)
     assert last_accuracy(R3) == pytest.approx(0.7)
     assert forgetting(R3) == pytest.approx(((0.9 - 0.5) + (0.8 - 0.7)) / 2)
     assert backward_transfer(R3) == pytest.approx(((0.5 - 0.9) + (0.7 - 0.8)) / 2)
     assert transfer(R3) == pytest.approx((0.1 + (0.2 + 0.3) / 2) / 2)
+
+
+def test_the_two_averages_differ_where_the_papers_do():
+    """avg_inc reads only the seen tasks; avg_mtil (ZSCL's Avg) all T x T cells, the upper triangle too."""
+    assert avg_inc(R3_PEAK) == pytest.approx((0.5 + 0.7 + (0.4 + 0.6 + 0.7) / 3) / 3)
+    assert avg_mtil(R3_PEAK) == pytest.approx(3.6 / 9)
+    high_transfer = np.array(R3_PEAK)
+    high_transfer[np.triu_indices(3, 1)] = 1.0  # perfect zero-shot on unseen tasks: only avg_mtil moves
+    assert avg_inc(high_transfer) == pytest.approx(avg_inc(R3_PEAK))
+    assert avg_mtil(high_transfer) == pytest.approx((3.6 + 3.0) / 9)
+
+
+def test_one_list_of_keys_with_a_source_each():
+    assert METRIC_KEYS[:len(MATRIX_KEYS)] == MATRIX_KEYS and len(set(METRIC_KEYS)) == len(METRIC_KEYS)
+    assert tuple(summary(R3)) == MATRIX_KEYS and set(SOURCES) == set(MATRIX_KEYS)
+    assert "avg" not in METRIC_KEYS
 
 
 def test_forgetting_uses_the_best_earlier_accuracy():
@@ -43,7 +60,8 @@ def test_signs_forgetting_positive_bwt_negative():
 
 
 def test_single_task_and_bad_shapes():
-    assert summary([[0.7]]) == {"avg": 0.7, "last": 0.7, "forgetting": 0.0, "bwt": 0.0, "transfer": 0.0}
+    assert summary([[0.7]]) == {"avg_mtil": 0.7, "avg_inc": 0.7, "last": 0.7, "forgetting": 0.0, "bwt": 0.0,
+                                "transfer": 0.0}
     for bad in ([], [[0.1, 0.2]], [[0.1], [0.2]]):
         with pytest.raises(ValueError, match="square"):
             summary(bad)
@@ -61,11 +79,13 @@ def square(min_t: int = 1):
 
 @settings(max_examples=200, deadline=None)
 @given(square())
-def test_bounds_and_forgetting_dominates_negative_bwt(R):
+def test_forgetting_dominates_negative_bwt_and_avg_mtil_mixes_the_triangles(R):
     m = summary(R)
-    assert 0 <= m["avg"] <= 1 and 0 <= m["last"] <= 1 and 0 <= m["transfer"] <= 1
-    assert -1 <= m["forgetting"] <= 1 and -1 <= m["bwt"] <= 1
-    assert m["forgetting"] >= -m["bwt"] - 1e-9  # the best earlier accuracy is at least the diagonal one
+    assert m["forgetting"] >= -m["bwt"] - 1e-6  # the best earlier accuracy is at least the diagonal one
+    T = len(R)
+    lower = R[np.tril_indices(T)].sum()  # avg_mtil = (lower-triangle sum + upper-triangle sum) / T^2
+    assert m["avg_mtil"] == pytest.approx((lower + R[np.triu_indices(T, 1)].sum()) / T ** 2, abs=1e-6)
+    assert m["avg_inc"] == pytest.approx(np.mean([R[i, :i + 1].mean() for i in range(T)]), abs=1e-6)
 
 
 @settings(max_examples=200, deadline=None)
@@ -94,7 +114,7 @@ def test_triangles_are_independent(R, v):
     upper, lower = R.copy(), R.copy()
     upper[np.triu_indices(len(R), 1)] = v
     lower[np.tril_indices(len(R))] = v
-    for f in (avg_accuracy, forgetting, backward_transfer):
+    for f in (avg_inc, forgetting, backward_transfer):
         assert f(upper) == pytest.approx(f(R))
     assert last_accuracy(upper) == pytest.approx(last_accuracy(R))  # the last row has no upper entries
     assert transfer(lower) == pytest.approx(transfer(R))
@@ -104,6 +124,7 @@ def test_triangles_are_independent(R, v):
 @given(st.integers(1, 7), st.floats(0, 1))
 def test_constant_matrix(t, c):
     m = summary(np.full((t, t), c))
-    assert m["avg"] == pytest.approx(c, abs=1e-6) and m["last"] == pytest.approx(c, abs=1e-6)
+    assert m["avg_inc"] == pytest.approx(c, abs=1e-6) and m["last"] == pytest.approx(c, abs=1e-6)
+    assert m["avg_mtil"] == pytest.approx(c, abs=1e-6)
     assert m["forgetting"] == 0 and m["bwt"] == 0
     assert m["transfer"] == pytest.approx(c if t > 1 else 0.0, abs=1e-6)

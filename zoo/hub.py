@@ -10,12 +10,13 @@ asks). Push reads the zoo under its lock and refuses a file whose sha256 disagre
 :func:`pull` pins a revision to its commit id, downloads into a staging folder inside the zoo,
 and only then touches the zoo: it reads JSON and safetensors only (executes nothing), refuses unsafe
 file names (absolute, ``..``, anything outside ``[A-Za-z0-9_.-]`` per path part), checks every file's
-sha256 against the remote registry, refuses another backbone, and refuses an expert that exists
-locally with other hashes unless ``force``. Downloads (:mod:`clipzoo.zoo.hub_download`) fetch only the files
+sha256 against the remote registry, refuses another backbone, refuses an expert that exists
+locally with other hashes unless ``force``, and loads every downloaded expert as the store would
+(:func:`clipzoo.zoo.hub_install.check_loadable`) before the zoo is touched. Downloads (:mod:`clipzoo.zoo.hub_download`) fetch only the files
 the registry names, each at the pinned commit, bounded by its listed size and a per-type limit. Then, under the zoo lock, folders are moved in and the
 registry is written atomically; any error removes the staging folder and leaves the zoo as it was.
 The remote's router files are taken only by a zoo without experts pulling all of the remote's;
-otherwise the local router is kept and rebuilt over the merged experts (``Store.refresh_router``).
+otherwise the local router is rebuilt over the merged experts in the same commit.
 Model cards (``README.md`` of the zoo and of each pulled expert) come along when they are UTF-8
 text of at most 1 MiB; any other card is dropped (``push`` regenerates a missing one).
 
@@ -30,8 +31,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
-import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -40,8 +39,10 @@ from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, co
 from huggingface_hub.hf_api import RepoFile
 from huggingface_hub.utils import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
-from clipzoo.zoo import registry
+from clipzoo.zoo import leases, paths, registry
 from clipzoo.zoo.hub_download import LIMITS, Remote, check_remote_name, safe_path
+from clipzoo.zoo.hub_install import check_loadable, install, keep_text_cards, verify_staged
+from clipzoo.zoo.router_files import stage_router
 from clipzoo.zoo.store import Store
 from clipzoo.errors import BackboneError, ClipzooError, HubError, IntegrityError, RegistryError
 
@@ -114,6 +115,10 @@ def check_remote_registry(reg: dict) -> dict:
         raise HubError("refusing the remote registry: its backbone has a malformed model name or fingerprint")
     for name in reg["experts"]:
         safe_path(name)
+        try:
+            paths.check_name(name)
+        except RegistryError as e:
+            raise HubError(f"refusing the remote registry: {e}") from e
     for key, sec in sections(reg).items():
         if key in (registry.REGISTRY, CARD) or not isinstance(sec["files"], dict) or any(str(p).split("/")[0] != key for p in sec["files"]):
             raise HubError(f"the remote registry's {key!r} section lists files outside its folder {key}/")
@@ -252,44 +257,6 @@ def _check_backbone(local: dict | None, remote: dict, where: str) -> None:
         )
 
 
-def _verify_staged(folder: Path, wanted: dict[str, str], fingerprint: str) -> None:
-    """Every wanted file is a regular file (its size and sha256 were checked while it was downloaded);
-    expert configs name the right backbone."""
-    for path in wanted:
-        file = folder / path
-        if file.is_symlink() or not file.is_file():
-            raise IntegrityError(f"{path} was not downloaded")
-        if file.name == "config.json":
-            try:
-                cfg = json.loads(file.read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise IntegrityError(f"{path} from the remote is not valid JSON") from e
-            if cfg.get("backbone_fingerprint", fingerprint) != fingerprint:
-                raise BackboneError(f"{path} from the remote names another backbone than its registry")
-
-
-def _install(root: Path, staged: Path, trash: Path, folders: list[str], reg: dict) -> None:
-    """Move staged folders into the zoo (old ones aside) and write the registry; undo on failure."""
-    done: list[tuple[Path, Path | None]] = []
-    try:
-        trash.mkdir()
-        for rel in folders:
-            dst, old = root / rel, None
-            if dst.exists():
-                old = trash / uuid.uuid4().hex
-                os.rename(dst, old)
-            done.append((dst, old))
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            os.rename(staged / rel, dst)
-        registry.write(root, reg)
-    except BaseException:
-        for dst, old in reversed(done):
-            shutil.rmtree(dst, ignore_errors=True)
-            if old is not None:
-                os.rename(old, dst)
-        raise
-
-
 def pull(root: Path, repo_id: str, *, revision: str | None = None, only: list[str] | None = None,
          force: bool = False, endpoint: str | None = None, token: str | bool | None = None) -> dict:
     """Merge the experts of ``repo_id`` at ``revision`` into the zoo at ``root`` (created if absent)."""
@@ -309,7 +276,9 @@ def pull(root: Path, repo_id: str, *, revision: str | None = None, only: list[st
         raise HubError(f"{where} has no {registry.REGISTRY} at its root: not a clipzoo zoo")
     created = not root.exists()
     root.mkdir(parents=True, exist_ok=True)
-    staging = root / f".staging-pull-{uuid.uuid4().hex}"
+    if local is not None:
+        leases.clean_stale(root)
+    staging, held = leases.new_staging(root, "pull-")  # its lock tells later writers this pull is alive
     try:
         with _hub_errors(f"pull from {where} failed", token):
             reg_file = src.fetch(registry.REGISTRY, staging / "meta", src.size(registry.REGISTRY), None)
@@ -325,8 +294,11 @@ def pull(root: Path, repo_id: str, *, revision: str | None = None, only: list[st
             cards = [c for c in [f"{registry.EXPERTS_DIR}/{n}/{CARD}" for n in fetch] + ([CARD] if local is None else [])
                      if c in src.files and (src.files[c].lfs or src.files[c]).size <= LIMITS[".md"]]
             src.fetch_all({**wanted, **dict.fromkeys(cards)}, staging / "files")  # nothing unlisted is fetched
-        _verify_staged(staging / "files", wanted, remote["backbone"]["fingerprint"])
-        cards = _keep_text_cards(staging / "files", cards)
+        verify_staged(staging / "files", wanted, remote["backbone"]["fingerprint"])
+        check_loadable(staging / "files", remote, fetch, Store.open(root) if local is not None else None,
+                       take_sections, where)
+        paths.fsync_tree(staging / "files")
+        cards = keep_text_cards(staging / "files", cards)
         folders = [f"{registry.EXPERTS_DIR}/{n}" for n in fetch] + (list(sections(remote)) if take_sections else [])
         folders += [CARD] if CARD in cards else []
         with registry.lock(root):
@@ -334,43 +306,28 @@ def pull(root: Path, repo_id: str, *, revision: str | None = None, only: list[st
             if (now is None) != (local is None) or (now and now["experts"] != local["experts"]):
                 raise RegistryError(f"{root} changed during the pull: run it again")
             reg = _merged(local, remote, fetch, take_sections)
+            refresh = bool(fetch) and not take_sections  # the router learns the new experts: one new version
+            stats = Store(root, reg)._stats_reader(reg)
             if fetch or local is None:
-                _install(root, staging / "files", staging / "old", folders, reg)
+                install(root, staging / "files", folders, reg,
+                        lambda: stage_router(root, reg, stats, rebuild=True) if refresh else [],
+                        keep=set((local or {}).get("router", {}).get("files", {})))
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        leases.drop_staging(root, staging, held)
         if local is None:  # leave no half-made zoo behind
             (root / registry.LOCK).unlink(missing_ok=True)
             if created:
-                shutil.rmtree(root, ignore_errors=True)
+                try:
+                    paths.remove_path(root.parent, root)
+                except (OSError, ClipzooError):
+                    pass
         raise
-    shutil.rmtree(staging, ignore_errors=True)
+    leases.drop_staging(root, staging, held)
     (root / registry.EXPERTS_DIR).mkdir(exist_ok=True)
-    router = "from remote" if take_sections else "local"
-    if fetch and not take_sections:  # the router must learn the new experts (one new router version)
-        Store.open(root).refresh_router()
-        router = "refreshed"
+    router = "from remote" if take_sections else "refreshed" if refresh else "local"
     return {"repo_id": repo_id, "revision": rev, "commit": src.sha, "zoo": str(root), "created": local is None,
             "added": plan["add"], "replaced": plan["replace"], "unchanged": plan["unchanged"], "router": router,
             "cards": cards}
-
-
-def _keep_text_cards(folder: Path, cards: list[str], limit: int = 1 << 20) -> list[str]:
-    """The downloaded model cards that are regular UTF-8 files of at most ``limit`` bytes; the
-    others are deleted (a card is only text to read; ``push`` regenerates a missing one)."""
-    kept = []
-    for rel in cards:
-        file = folder / rel
-        ok = file.is_file() and not file.is_symlink() and file.stat().st_size <= limit
-        try:
-            if ok:
-                file.read_bytes().decode("utf-8")
-        except UnicodeDecodeError:
-            ok = False
-        if ok:
-            kept.append(rel)
-        elif file.exists() or file.is_symlink():
-            file.unlink()
-    return kept
 
 
 def _merged(local: dict | None, remote: dict, fetch: list[str], take_sections: bool) -> dict:

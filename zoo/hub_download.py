@@ -12,6 +12,7 @@ written is compared with the registry's. Files the registry does not name are ne
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import shutil
 from pathlib import Path, PureWindowsPath
@@ -110,6 +111,8 @@ class Remote:
                                              "says: rejected, download stopped")
                     h.update(chunk)
                     f.write(chunk)
+                f.flush()
+                os.fsync(f.fileno())  # durable before the registry names it
         if got != size:
             raise IntegrityError(f"{path} from the remote is {got} bytes, its listing says {size}: rejected")
         if digest is not None and h.hexdigest() != digest:

@@ -7,9 +7,7 @@
 from __future__ import annotations
 
 import datetime as dt
-import shutil
 import time
-import uuid
 from pathlib import Path
 from typing import Sequence
 
@@ -20,7 +18,7 @@ from clipzoo.router.stats import compute_stats
 from clipzoo.tasks.data import load_task
 from clipzoo.tasks.metrics import accuracy
 from clipzoo.tasks.spec import TaskData, check_name
-from clipzoo.zoo import registry
+from clipzoo.zoo import leases, registry
 from clipzoo.zoo.experts import Expert, build_expert
 from clipzoo.zoo.train import TrainSettings, fit
 
@@ -41,8 +39,9 @@ class Learner:
         name = check_name(name or task.name)
         if name in self.registry["experts"]:
             raise RegistryError(f"task {name!r} already exists in {self.root}: choose another --name or remove it first")
-        if train.epochs < 1 or train.batch_size < 1 or train.lr <= 0:
-            raise ConfigError("epochs and batch size must be >= 1 and lr > 0")
+        if not isinstance(train, TrainSettings):
+            raise ConfigError(f"train must be a TrainSettings, not {type(train).__name__}")
+        train.check()
         expert = build_expert(kind, self.backbone, task.classes, task.templates, settings,
                               sources=list(sources) if sources else None, zoo=self.sources(), seed=train.seed)
         return self._train_and_commit(expert, task, name, train, settings, t0)
@@ -79,7 +78,7 @@ class Learner:
             "metrics": metrics,
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         }
-        staging = self.root / f".staging-{uuid.uuid4().hex}"
+        staging, held = leases.new_staging(self.root)  # its lock tells later writers this writer is alive
         try:
             written = expert.save_pretrained(staging) + [compute_stats(x_train, y_train, len(task.classes)).save(staging)]
             record["files"] = {f: registry.sha256_file(staging / f) for f in written}
@@ -87,6 +86,6 @@ class Learner:
             record["metrics"]["add_seconds"] = round(time.perf_counter() - t0, 3)
             self.commit_expert(name, staging, record)
         finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            leases.drop_staging(self.root, staging, held)
         self._experts[name] = (record["sha256"], expert.eval())
         return record

@@ -4,12 +4,14 @@ Layout of a zoo directory::
 
     registry.json            schema_version, backbone, experts (name -> record), router
     experts/<name>/          config.json, weights.safetensors, stats.safetensors, README.md
-    router/router-v<N>.*     the learned router's current (and previous) version
+    router/router-v<N>.*     the learned router's current version (older ones until no reader needs them)
     .lock                    the write lock (filelock)
+    .readers/, .staging-*, .trash/   reader leases, writers' staging, garbage (clipzoo.zoo.leases)
 
 The registry is the single source of truth: a folder under ``experts/`` that it does not name is
 left over from a crash and ignored. Writes go to a temporary file that replaces the registry in
-one ``os.replace``, so a reader sees the old or the new registry, never half of one.
+one ``os.replace`` (fsynced, then its folder), so a reader sees the old or the new registry,
+never half of one. It is strict JSON: NaN and Infinity are refused on read and never written.
 
 Every reader goes through :func:`validate`: one declarative schema (``TOP``, ``BACKBONE``,
 ``EXPERT``, ``ROUTER``: field -> :class:`Field`) so that a damaged or hand-edited registry is one
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import stat
@@ -33,12 +36,12 @@ from typing import Any, Callable, Iterator
 from filelock import FileLock, Timeout
 
 from clipzoo.errors import RegistryError
-from clipzoo.tasks.spec import NAME_RE
+from clipzoo.zoo import paths
 
 SCHEMA_VERSION = 1
 REGISTRY = "registry.json"
 LOCK = ".lock"
-EXPERTS_DIR = "experts"
+EXPERTS_DIR = paths.EXPERTS_DIR
 EXPERT_FILES = ("config.json", "weights.safetensors", "stats.safetensors")  # every expert has these
 FIX = "restore registry.json from a backup or run 'clipzoo pull' again"
 
@@ -58,9 +61,9 @@ def _plain_file(name: Any) -> bool:
 
 _SHA = re.compile(r"[0-9a-f]{64}")
 STR = Kind("a string", lambda v: isinstance(v, str))
-NAME = Kind("a task name (letters, digits, '_', '-', '.')", lambda v: isinstance(v, str) and bool(NAME_RE.match(v)))
+NAME = Kind("a task name (letters, digits, '_', '-', '.')", paths.valid_name)
 INT = Kind("a non-negative integer", lambda v: type(v) is int and v >= 0)
-NUMBER = Kind("a number", lambda v: type(v) in (int, float))
+NUMBER = Kind("a finite number", lambda v: type(v) is int or (type(v) is float and math.isfinite(v)))
 OBJECT = Kind("an object", lambda v: isinstance(v, dict))
 OPT_STR = Kind("a string or null", lambda v: v is None or isinstance(v, str))
 SHA256 = Kind("a sha256 (64 lowercase hex digits)", lambda v: isinstance(v, str) and bool(_SHA.fullmatch(v)))
@@ -144,6 +147,9 @@ def validate(reg: Any, where: str | Path = REGISTRY) -> dict:
         _check(rec, EXPERT, where, prefix)
         if rec["name"] != name:
             raise _fail(where, f"{prefix}name", f"is {rec['name']!r}, but the record is filed under {name!r}")
+        bad = [s for s in rec.get("sources", []) if not paths.valid_name(s)]
+        if bad:
+            raise _fail(where, f"{prefix}sources", f"names {bad[0]!r}, not {NAME.name}")
         unknown = [s for s in rec.get("sources", []) if s not in reg["experts"]]
         if unknown:
             raise _fail(where, f"{prefix}sources", f"names {', '.join(map(repr, unknown))}, not an expert of this zoo")
@@ -160,6 +166,10 @@ def _validate_router(router: dict | None, where: str = REGISTRY) -> None:
         raise _fail(where, "router", "needs 'kind', 'version' and 'files'")
     for rel, digest in router["files"].items() if isinstance(router["files"], dict) else ():
         parts = str(rel).split("/")
+        try:
+            paths.check_rel(rel)
+        except RegistryError:
+            raise _fail(where, "router.files", f"lists a bad file entry {rel!r}") from None
         if len(parts) != 2 or parts[0] != "router" or not _plain_file(parts[1]) or not SHA256.test(digest):
             raise _fail(where, "router.files", f"lists a bad file entry {rel!r}")
     _check(router, ROUTER, where, "router.")
@@ -169,13 +179,27 @@ def _validate_router(router: dict | None, where: str = REGISTRY) -> None:
                     f"{router['version']}), not {', '.join(sorted(router['files']))}")
 
 
+def _no_constant(name: str) -> Any:
+    """Strict JSON: ``NaN``, ``Infinity`` and ``-Infinity`` are not JSON numbers."""
+    raise ValueError(f"{name} is not a JSON number (strict JSON has no NaN or Infinity)")
+
+
+def dumps(reg: dict) -> bytes:
+    """The registry as strict JSON bytes; a non-finite number is one RegistryError."""
+    try:
+        return (json.dumps(reg, indent=2, sort_keys=False, allow_nan=False) + "\n").encode()
+    except ValueError as e:
+        raise RegistryError(f"refusing to write {REGISTRY}: a value is NaN or infinite ({e}); "
+                            "check the settings and metrics") from e
+
+
 def read(root: Path) -> dict:
     """The zoo's registry, validated; any unreadable or malformed file is one RegistryError."""
     path = root / REGISTRY
     if not path.is_file():
         raise RegistryError(f"no zoo at {root}: {REGISTRY} missing (create one with 'clipzoo init --zoo {root}')")
     try:
-        reg = json.loads(path.read_bytes().decode("utf-8"))
+        reg = json.loads(path.read_bytes().decode("utf-8"), parse_constant=_no_constant)
     except OSError as e:
         raise RegistryError(f"{path} cannot be read ({e.strerror or e}); check its permissions") from e
     except UnicodeDecodeError as e:
@@ -224,10 +248,13 @@ def file_problem(path: Path, digest: str, cached: bool = True) -> str | None:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same folder, fsync and rename."""
+    """Write ``data`` to ``path`` via a temp file in the same folder (mode from the umask, not
+    mkstemp's 0600), fsync it, rename it over ``path`` and fsync the folder, so that after a
+    power loss ``path`` holds the old bytes or the new ones, never part of them."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o666 & ~paths.current_umask())
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -235,11 +262,12 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    paths.fsync_path(path.parent)
 
 
 def write(root: Path, reg: dict) -> None:
     validate(reg)
-    atomic_write_bytes(root / REGISTRY, (json.dumps(reg, indent=2, sort_keys=False) + "\n").encode())
+    atomic_write_bytes(root / REGISTRY, dumps(reg))
 
 
 @contextmanager

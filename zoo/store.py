@@ -1,17 +1,20 @@
 """The zoo's store: a directory with ``registry.json``, one folder per expert and the router.
 
 :class:`Store` creates and opens a zoo, loads its backbone, experts and router lazily, and
-changes it only through commits under the zoo's lock: files are staged under new names first and
-the registry, written atomically, is what makes them part of the zoo, so a failed or interrupted
-write leaves the zoo as it was. Training (:mod:`clipzoo.zoo.learn`) and answering
+changes it only through commits under the zoo's lock: files are staged under new names first
+(fsynced) and the registry, written atomically, is what makes them part of the zoo, so a failed
+or interrupted write leaves the zoo as it was. A store reads one registry version from start to
+end: it holds a reader lease (:mod:`clipzoo.zoo.leases`) and writers delete files the registry no
+longer names only when no other process holds one. Every expert folder and router path goes
+through :func:`clipzoo.zoo.paths.contained`. Training (:mod:`clipzoo.zoo.learn`) and answering
 (:mod:`clipzoo.zoo.predict`) build on it; :class:`clipzoo.zoo.zoo.Zoo` joins the three.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -23,12 +26,18 @@ from clipzoo.router.learned import RouterConfig
 from clipzoo.router.ood import check_quantile
 from clipzoo.router.stats import STATS_FILE, TaskStats
 from clipzoo.tasks.spec import ImageSource
-from clipzoo.zoo import registry
+from clipzoo.zoo import leases, paths, registry
 from clipzoo.zoo.backbone import Backbone, BackboneSpec, load_backbone
 from clipzoo.zoo.cache import backbone_features
 from clipzoo.zoo.experts import Expert, Sources, load_expert
 from clipzoo.zoo.experts.base import read_config, read_weights
-from clipzoo.zoo.router_files import KINDS, LEARNED, Router, load_router, prune_router_files, stage_router
+from clipzoo.zoo.router_files import KINDS, LEARNED, Router, load_router, stage_router
+
+FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))  # "no space left" errors
+
+
+class WriteError(RegistryError, OSError):
+    """A commit that could not be written: one line for the CLI, still an OSError for callers."""
 
 
 class Store:
@@ -69,8 +78,13 @@ class Store:
 
     @classmethod
     def open(cls, root: str | Path):
+        """Open a zoo for reading: take a reader lease first, then read the registry, so every
+        file of the version read stays on disk while this store is alive."""
         root = Path(root)
-        return cls(root, registry.read(root))
+        store = cls(root, registry.read(root))  # a clear error when ``root`` is not a zoo
+        leases.take_lease(root, store)
+        store.registry = registry.read(root)  # the version this store reads, under its lease
+        return store
 
     # ----- backbone and features -----------------------------------------------------------
     @property
@@ -112,7 +126,9 @@ class Store:
         return self.registry["experts"][name]
 
     def expert_dir(self, name: str) -> Path:
-        return self.root / registry.EXPERTS_DIR / name
+        """The expert's folder; a name that is not a task name or a folder that leads outside the
+        zoo (a link) is one RegistryError."""
+        return paths.expert_path(self.root, name)
 
     def sources(self) -> Sources:
         """This zoo's experts as a composed expert reads them (loaded lazily, hashes from the registry)."""
@@ -151,8 +167,8 @@ class Store:
                 raise IntegrityError(f"expert {name!r}: {fname} {problem}; {fix}")
 
     def dependents(self, name: str) -> list[str]:
-        """Composed experts that list ``name`` among their sources."""
-        return [n for n, r in registry.read(self.root)["experts"].items() if name in r.get("sources", [])]
+        """Composed experts that use ``name``, directly or through another, users first."""
+        return _dependents(registry.read(self.root), name)
 
     # ----- the router -------------------------------------------------------------------------
     def router(self) -> Router:
@@ -179,19 +195,42 @@ class Store:
         if ood_quantile is not None:
             check_quantile(ood_quantile)
         with registry.lock(self.root):
+            leases.clean_stale(self.root)
             reg = registry.read(self.root)
-            old_files = set(reg.get("router", {}).get("files", {}))
             reg["router"] = {**reg.get("router", {}), **({"kind": kind} if kind else {}),
                              **({"ood_quantile": ood_quantile} if ood_quantile is not None else {})}
-            self._commit(reg, old_files, lambda: stage_router(self.root, reg, self._stats_reader(reg), rebuild=True,
-                                                              config=config))
+            self._commit(reg, lambda: stage_router(self.root, reg, self._stats_reader(reg), rebuild=True,
+                                                   config=config))
         return dict(self.registry["router"])
 
     # ----- commits ----------------------------------------------------------------------------
-    def _commit(self, reg: dict, old_files: set[str], stage: Callable[[], list[Path]],
-                undo: Callable[[], None] = lambda: None) -> None:
+    def _commit(self, reg: dict, stage: Callable[[], list[Path]], undo: Callable[[], None] = lambda: None,
+                free: Sequence[Path] = ()) -> None:
         """Under the lock: stage the router, write ``reg``; on any failure remove what was staged
-        (and ``undo()``), so the zoo is exactly as it was."""
+        (and ``undo()``), so the zoo is exactly as it was. On a full disk, the folders in ``free``
+        (the experts ``reg`` drops) are deleted first and the commit is tried once more. Then the
+        garbage of ``reg`` is collected unless another process reads the zoo."""
+        router = json.loads(json.dumps(reg.get("router", {})))  # staging bumps it: restored for a retry
+        try:
+            self._try_commit(reg, stage, undo)
+        except OSError as e:
+            if e.errno not in FULL or not free:
+                raise WriteError(f"could not write to {self.root} ({e.strerror or e}); the zoo is unchanged") from e
+            for folder in free:  # a rename into the trash, then the trash's contents: frees space first
+                if folder.exists() or folder.is_symlink():
+                    paths.remove_path(self.root, leases.to_trash(self.root, folder))
+            reg["router"] = router
+            try:
+                self._try_commit(reg, stage, undo)
+            except OSError as e2:
+                raise WriteError(
+                    f"the disk is full: the removed experts' files are deleted, but {registry.REGISTRY} could not "
+                    f"be written ({e2.strerror or e2}); free some space and run 'clipzoo repair --zoo {self.root} "
+                    "--yes'") from e2
+        self.registry = reg
+        leases.collect(self.root, reg, keep=set(router.get("files", {})))  # the previous version stays
+
+    def _try_commit(self, reg: dict, stage: Callable[[], list[Path]], undo: Callable[[], None]) -> None:
         written: list[Path] = []
         try:
             written = stage()
@@ -203,47 +242,52 @@ class Store:
                 written[0].parent.rmdir()
             undo()
             raise
-        prune_router_files(self.root, old_files | set(reg["router"]["files"]))
-        self.registry = reg
 
     def commit_expert(self, name: str, staging: Path, record: dict) -> None:
         """Under the lock: re-read the registry, move the staged folder in, write the registry."""
         with registry.lock(self.root):
+            leases.clean_stale(self.root)
             reg = registry.read(self.root)
             if name in reg["experts"]:
                 raise RegistryError(f"task {name!r} was added meanwhile by another process: choose another --name")
             target = self.expert_dir(name)
-            if target.exists():  # left over from a crash between the move and the registry write
-                shutil.rmtree(target)
+            paths.fsync_tree(staging)
+            if target.exists() or target.is_symlink():  # garbage of an earlier expert of that name
+                leases.to_trash(self.root, target)
             target.parent.mkdir(exist_ok=True)
             os.rename(staging, target)
-            old_files = set(reg.get("router", {}).get("files", {}))
+            paths.fsync_path(target.parent)
             reg["experts"][name] = record
-            self._commit(reg, old_files, lambda: stage_router(self.root, reg, self._stats_reader(reg), add=name),
-                         undo=lambda: shutil.rmtree(target, ignore_errors=True))
+            self._commit(reg, lambda: stage_router(self.root, reg, self._stats_reader(reg), add=name),
+                         undo=lambda: os.rename(target, staging))
 
     def remove(self, name: str, cascade: bool = False) -> list[str]:
-        """Drop an expert: the registry first (atomic), then its folder. An expert that composed
-        experts use is refused, or removed after them with ``cascade=True``. Returns every name
-        removed, ``name`` last."""
-        users = self.dependents(name)
-        if users and not cascade:
-            raise RegistryError(f"expert {name!r} is a source of fusion expert(s) {', '.join(users)}: "
-                                "remove those first, or use --cascade to remove them too")
-        removed: list[str] = []
-        for user in users:
-            if user in registry.read(self.root)["experts"]:  # not already gone with another user
-                removed += self.remove(user, cascade=True)
+        """Drop an expert, and with ``cascade=True`` the composed experts that use it (else they
+        refuse it), in one commit. Its folder is deleted after the commit (or first, on a full
+        disk) once no other process reads the zoo. Returns every name removed, ``name`` last."""
         with registry.lock(self.root):
+            leases.clean_stale(self.root)
             reg = registry.read(self.root)
             if name not in reg["experts"]:
                 raise RegistryError(f"no expert named {name!r} in {self.root}")
-            del reg["experts"][name]
-            old_files = set(reg.get("router", {}).get("files", {}))
-            self._commit(reg, old_files, lambda: stage_router(self.root, reg, self._stats_reader(reg), drop=name))
-        shutil.rmtree(self.expert_dir(name), ignore_errors=True)
-        self._experts.pop(name, None)
-        return removed + [name]
+            users = _dependents(reg, name)
+            if users and not cascade:
+                raise RegistryError(f"expert {name!r} is a source of fusion expert(s) {', '.join(users)}: "
+                                    "remove those first, or use --cascade to remove them too")
+            gone = users + [name]
+            folders = [self.expert_dir(n) for n in gone]  # every path checked before anything changes
+            for n in gone:
+                del reg["experts"][n]
+            self._commit(reg, lambda: stage_router(self.root, reg, self._stats_reader(reg), drop=gone), free=folders)
+        for n in gone:
+            self._experts.pop(n, None)
+        return gone
+
+    def repair(self, dry_run: bool = True) -> dict:
+        """What cannot be validated (see :func:`clipzoo.zoo.repair.repair`); dropped unless ``dry_run``."""
+        from clipzoo.zoo.repair import repair
+
+        return repair(self, dry_run)
 
     # ----- integrity ------------------------------------------------------------------------
     def verify(self) -> dict:
@@ -252,11 +296,20 @@ class Store:
         short = {"is missing": "missing", f"does not match its sha256 in {registry.REGISTRY}": "sha256 mismatch"}
         problems: list[str] = []
         for name, rec in self.registry["experts"].items():
+            try:
+                folder = self.expert_dir(name)
+            except RegistryError as e:
+                problems.append(str(e))
+                continue
             bad = [f"{name}/{fname}: {short.get(pr, pr)}" for fname, digest in rec["files"].items()
-                   if (pr := registry.file_problem(self.expert_dir(name) / fname, digest, cached=False))]
+                   if (pr := registry.file_problem(folder / fname, digest, cached=False))]
             problems += bad or self._readable(name)
         for rel, digest in self.registry.get("router", {}).get("files", {}).items():
-            if pr := registry.file_problem(self.root / rel, digest, cached=False):
+            try:
+                pr = registry.file_problem(paths.contained(self.root, rel), digest, cached=False)
+            except RegistryError as e:
+                pr = str(e)
+            if pr:
                 problems.append(f"{rel}: {short.get(pr, pr)}")
         if not problems and self.registry.get("router", {}).get("files"):
             try:
@@ -276,3 +329,17 @@ class Store:
         except ClipzooError as e:
             return [str(e)]
         return []
+
+
+def _dependents(reg: dict, name: str) -> list[str]:
+    """Experts of ``reg`` composed from ``name``, directly or through another (cycles tolerated)."""
+    found: list[str] = []
+    frontier, seen = [name], {name}
+    while frontier:
+        cur = frontier.pop(0)
+        for n, rec in reg["experts"].items():
+            if cur in rec.get("sources", []) and n not in seen:
+                seen.add(n)
+                found.append(n)
+                frontier.append(n)
+    return found[::-1]

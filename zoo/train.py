@@ -3,6 +3,7 @@ optimiser parameter and stays in eval mode (it is not a sub-module of the expert
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable
@@ -10,17 +11,41 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from clipzoo.errors import ConfigError
 from clipzoo.runtime import progress_bar
 
 
 @dataclass
 class TrainSettings:
+    """How an expert is trained; checked when made (and again before training), so a NaN or
+    infinite value is one ConfigError before any work, never all-NaN weights."""
+
     epochs: int = 20
     lr: float = 2e-3
     head_lr_scale: float = 0.1
     weight_decay: float = 1e-2
     batch_size: int = 64
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> "TrainSettings":
+        """Raise ConfigError (one line) for the first out-of-range or non-finite setting."""
+        ints = {"epochs": 1, "batch_size": 1, "seed": 0}
+        for key, low in ints.items():
+            v = getattr(self, key)
+            if type(v) is not int or v < low:
+                raise ConfigError(f"training setting {key} must be an integer >= {low}, not {v!r}")
+        floats = {"lr": (0.0, False), "head_lr_scale": (0.0, True), "weight_decay": (0.0, True)}
+        for key, (low, inclusive) in floats.items():
+            v = getattr(self, key)
+            ok = type(v) in (int, float) and math.isfinite(v) and (v >= low if inclusive else v > low)
+            if not ok:
+                raise ConfigError(f"training setting {key} must be a finite number {'>=' if inclusive else '>'} "
+                                  f"{low:g}, not {v!r}")
+        return self
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import click
 
-from clipzoo.cli import bench, hub, predict, zoo
-from clipzoo.cli.options import OneLineErrors
+from clipzoo.cli import bench, hub, predict, repair, zoo
+from clipzoo.cli.options import OneLineErrors, at_least_one
 
 
 @click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="clipzoo")
-def main() -> None:
+@click.option("--threads", default=None, type=int, callback=at_least_one,
+              help="torch and BLAS threads for this process [default: $CLIPZOO_THREADS, else the CPU count].")
+def main(threads: int | None) -> None:
     """clipzoo: a frozen CLIP, one expert per task, routed automatically.
 
     \b
@@ -23,12 +25,16 @@ def main() -> None:
       clipzoo add-task --zoo myzoo --name shapes --data builtin:shapes
       clipzoo predict --zoo myzoo --json photo.png
     """
+    from clipzoo import runtime
+
+    if threads is not None or runtime.threads() is None:  # once per process, unless asked again
+        runtime.set_threads(threads)
 
 
 for command in (zoo.init, zoo.add_task, zoo.list_, zoo.remove, zoo.verify, zoo.router_cmd,
-                predict.predict, predict.evaluate, hub.push, hub.pull,
+                predict.predict, predict.evaluate, hub.push, hub.pull, repair.repair,
                 bench.bench, bench.demo, bench.bench_kinds, bench.bench_router, bench.bench_fusion,
-                bench.pretrain_tiny):
+                bench.pretrain_tiny, bench.bench_cost):
     main.add_command(command)
 
 if __name__ == "__main__":

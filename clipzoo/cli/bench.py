@@ -182,3 +182,37 @@ def bench_router(domains: tuple[str, ...], holdout: str | None, scale: int, epoc
     s = RouterBenchSettings(epochs=epochs, seed=seed, exemplars=exemplars, ood_quantile=ood_quantile)
     res = run_router_bench(list(domains), holdout, scale, s, Path(out) if out else None)
     emit(res, as_json, summary_text(res))
+
+
+@click.command("bench-cost")
+@click.option("--runs", default=5, show_default=True, type=int, callback=at_least_one,
+              help="Subprocess runs per command (median).")
+@click.option("--small", default=1000, show_default=True, type=int, callback=at_least_one,
+              help="Cached entries for the first hit measurement.")
+@click.option("--large", default=50_000, show_default=True, type=int, callback=at_least_one,
+              help="Cached entries for the second hit measurement.")
+@click.option("--dim", default=512, show_default=True, type=int, callback=at_least_one, help="Feature width.")
+@click.option("--zoo", "zoo_dir", default=None, type=click.Path(file_okay=False),
+              help="Time list/verify/router on this zoo (default: a small zoo built in a temp dir).")
+@click.option("--out", default=None, type=click.Path(dir_okay=False), help="Also write the JSON here.")
+@json_option
+def bench_cost(runs: int, small: int, large: int, dim: int, zoo_dir: str | None, out: str | None,
+               as_json: bool) -> None:
+    """What the ceremony costs: startup of light commands against --help, feature-cache hits at
+    small and large cache sizes, and whether a predict of cached images builds the model.
+
+    \b
+    Example: clipzoo bench-cost --json --out cost.json
+    """
+    import json
+
+    from clipzoo.bench.cost import markdown, run_cost
+
+    if large < small:
+        from clipzoo.errors import ConfigError
+
+        raise ConfigError(f"--large ({large}) must be at least --small ({small})")
+    res = run_cost(runs=runs, small=small, large=large, dim=dim, zoo=Path(zoo_dir) if zoo_dir else None)
+    if out:
+        Path(out).write_text(json.dumps(res, indent=2) + "\n")
+    emit(res, as_json, markdown(res))

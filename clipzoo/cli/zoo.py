@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
 import sys
+from pathlib import Path
 
 import click
 
@@ -101,9 +104,9 @@ def add_task(zoo_dir: str, name: str, data: str, kind: str, epochs: int | None, 
 @json_option
 def list_(zoo_dir: str, as_json: bool) -> None:
     """List the zoo's experts."""
-    from clipzoo.zoo.zoo import Zoo
+    from clipzoo.zoo import registry  # the registry alone: no model, no torch
 
-    recs = Zoo.open(zoo_dir).records()
+    recs = [dict(rec) for rec in registry.read(Path(zoo_dir))["experts"].values()]
     lines = [f"{r['name']:<20} {r['kind']:<16} {len(r['classes']):>3} classes  {r['trainable_params']:>9,} params  "
              f"test acc {r['metrics'].get('test_acc', float('nan')):.3f}  {r['sha256'][:12]}" for r in recs]
     emit(recs, as_json, "\n".join(lines) or "(no experts)")
@@ -132,9 +135,11 @@ def remove(zoo_dir: str, name: str, cascade: bool, as_json: bool) -> None:
 @json_option
 def verify(zoo_dir: str, as_json: bool) -> None:
     """Recompute every file's sha256; exit 1 on any mismatch."""
-    from clipzoo.zoo.zoo import Zoo
+    rep = light_verify(Path(zoo_dir))
+    if rep is None:  # something is off: the full check (torch) names each problem
+        from clipzoo.zoo.zoo import Zoo
 
-    rep = Zoo.open(zoo_dir).verify()
+        rep = Zoo.open(zoo_dir).verify()
     emit(rep, as_json, "ok: all hashes match" if rep["ok"] else "FAILED:\n" + "\n".join(rep["problems"]))
     if not rep["ok"]:
         sys.exit(1)
@@ -155,13 +160,106 @@ def router_cmd(zoo_dir: str, kind: str | None, ood_quantile: float | None, rebui
     Example: clipzoo router --zoo myzoo
              clipzoo router --zoo myzoo --kind nearest-stats --ood-quantile 0.995
     """
-    from clipzoo.zoo.zoo import Zoo
+    from clipzoo.zoo import registry
 
-    z = Zoo.open(zoo_dir)
     if kind or ood_quantile is not None or rebuild:
+        from clipzoo.zoo.zoo import Zoo
+
+        z = Zoo.open(zoo_dir)
         z.refresh_router(kind=kind, ood_quantile=ood_quantile)
-    spec = dict(z.registry["router"])
-    info = {**spec, "experts": z.names}
-    text = (f"router {spec['kind']} v{spec['version']} over {len(z.names)} experts"
-            f" ({', '.join(z.names) or 'none'}); files: {', '.join(sorted(spec['files'])) or 'none'}")
+        reg = z.registry
+    else:  # showing needs the registry alone
+        reg = registry.read(Path(zoo_dir))
+    spec, names = dict(reg["router"]), list(reg["experts"])
+    info = {**spec, "experts": names}
+    text = (f"router {spec['kind']} v{spec['version']} over {len(names)} experts"
+            f" ({', '.join(names) or 'none'}); files: {', '.join(sorted(spec['files'])) or 'none'}")
     emit(info, as_json, text)
+
+
+# ----- verify without torch: a fast path that only ever says "ok" -------------------------------------
+# The same names as clipzoo.zoo.experts.base.CONFIG_KEYS and the fields of clipzoo.router.stats.TaskStats
+# (not imported: those modules load torch; tests/test_cost.py checks they agree).
+CONFIG_KEYS = ("kind", "classes", "templates", "logit_scale", "backbone_fingerprint")
+STATS_FIELDS = ("mean", "cov", "class_means", "class_counts", "class_cov", "ood_quantiles")
+
+
+_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+                "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+
+
+def _tensor_names(path: Path) -> set[str] | None:
+    """The tensor names of a well-formed safetensors file, else None: the header parsed and every
+    tensor's byte range checked against its dtype and shape, the ranges covering the data exactly
+    (as safetensors itself checks; read here without numpy or torch)."""
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            size = os.fstat(f.fileno()).st_size
+            if n <= 0 or 8 + n > size:
+                return None
+            header = json.loads(f.read(n).decode("utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    if not isinstance(header, dict):
+        return None
+    spans = []
+    for name, t in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            (lo, hi), shape, dtype = t["data_offsets"], t["shape"], t["dtype"]
+            count = 1
+            for d in shape:
+                count *= int(d)
+            if hi - lo != count * _DTYPE_BYTES[dtype] or lo < 0:
+                return None
+        except (TypeError, KeyError, ValueError):
+            return None
+        spans.append((lo, hi))
+    end = 0
+    for lo, hi in sorted(spans):
+        if lo != end:
+            return None
+        end = hi
+    return {k for k in header if k != "__metadata__"} if end == size - 8 - n else None
+
+
+def _json_object(path: Path) -> dict | None:
+    try:
+        obj = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def light_verify(root: Path) -> dict | None:
+    """``Store.verify``'s report when every check passes without torch: each file's sha256
+    (recomputed), each config a JSON object with the common keys, each safetensors file's header
+    and offsets, the stats' fields, and a learned router's files and expert names. None when
+    anything is off or unusual (a symlink): the caller then runs the full ``Zoo.verify``, which
+    names every problem."""
+    from clipzoo.zoo import registry
+
+    reg = registry.read(root)
+    for name, rec in reg["experts"].items():
+        folder = root / registry.EXPERTS_DIR / name
+        if os.path.islink(folder) or any(os.path.islink(folder / f) for f in rec["files"]):
+            return None
+        if any(registry.file_problem(folder / f, d, cached=False) for f, d in rec["files"].items()):
+            return None
+        cfg = _json_object(folder / "config.json")
+        weights, stats = _tensor_names(folder / "weights.safetensors"), _tensor_names(folder / "stats.safetensors")
+        if cfg is None or any(k not in cfg for k in CONFIG_KEYS) or weights is None or stats is None \
+                or not set(STATS_FIELDS) <= stats:
+            return None
+    files = reg.get("router", {}).get("files", {})
+    if any(os.path.islink(root / rel) or registry.file_problem(root / rel, d, cached=False) for rel, d in files.items()):
+        return None
+    if files:
+        meta = [_json_object(root / f) for f in files if f.endswith(".json")]
+        tensors = [_tensor_names(root / f) for f in files if f.endswith(".safetensors")]
+        if len(meta) != 1 or meta[0] is None or not isinstance(meta[0].get("names"), list) \
+                or sorted(map(str, meta[0]["names"])) != sorted(reg["experts"]) or len(tensors) != 1 or not tensors[0]:
+            return None
+    return {"ok": True, "experts": len(reg["experts"]), "problems": []}

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import types
+import math
 import typing
 import warnings
 from dataclasses import dataclass
@@ -73,6 +74,8 @@ def _coerce(owner: str, key: str, value: Any, hint: Any) -> Any:
         return [_coerce(owner, key, v, item) for v in value]
     if base is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if base is float and isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{owner}.{key} must be a finite number, got {value!r}")
     if base in (int, float, str, bool) and not (isinstance(value, base) and not (base is int and isinstance(value, bool))):
         raise ConfigError(f"{owner}.{key} must be {base.__name__}, got {value!r}")
     return value

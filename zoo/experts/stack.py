@@ -12,6 +12,7 @@ zero-shot logits, ``kl_weight`` adds a consistency term during training (see :me
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -37,18 +38,25 @@ class ExpertOptions:
     ensemble: float = field(default=0.0, metadata={
         "help": "logits = (1 - ensemble) * adapted + ensemble * zero-shot, at training and inference"})
 
+    def __post_init__(self) -> None:
+        vals = asdict(self)
+        if not all(type(v) in (int, float) and math.isfinite(v) for v in vals.values()):
+            raise ConfigError(f"expert options must be finite numbers, got {vals}")
+        if self.kl_weight < 0 or not 0.0 <= self.ensemble <= 1.0:
+            raise ConfigError(f"expert options need kl_weight >= 0 and ensemble in [0, 1], got {vals}")
+
     @classmethod
     def from_dict(cls, d: dict) -> "ExpertOptions":
         known = set(cls.__dataclass_fields__)
         if set(d) - known:
             raise ConfigError(f"unknown expert option(s) {', '.join(sorted(set(d) - known))}: choose from {', '.join(sorted(known))}")
         try:
-            opts = cls(**{k: float(v) for k, v in d.items()})
+            values = {k: float(v) for k, v in d.items() if not isinstance(v, bool)}
         except (TypeError, ValueError) as e:
             raise ConfigError(f"expert options must be numbers: {e}") from e
-        if opts.kl_weight < 0 or not 0.0 <= opts.ensemble <= 1.0:
-            raise ConfigError(f"expert options need kl_weight >= 0 and ensemble in [0, 1], got {asdict(opts)}")
-        return opts
+        if len(values) != len(d):
+            raise ConfigError(f"expert options must be numbers, not true/false: {d}")
+        return cls(**values)
 
 
 class StackExpert(Expert):
