@@ -342,4 +342,29 @@ def test_remove_on_a_disk_that_stays_full_is_repaired_later(zoo, monkeypatch):
     assert Zoo.open(zoo).names == ["shapes"] and Zoo.open(zoo).verify()["ok"]
 
 
+@pytest.mark.parametrize("where", ["weights", "stats", "router"])
+def test_add_task_on_a_full_disk_is_one_line_and_changes_nothing(zoo, monkeypatch, where):
+    """Whichever file the disk fills up on (safetensors raises its own error, not an OSError)."""
+    import clipzoo.router.learned as learned_mod
+    import clipzoo.router.stats as stats_mod
+    import clipzoo.zoo.experts.base as base_mod
+    from safetensors import SafetensorError
+
+    module = {"weights": base_mod, "stats": stats_mod, "router": learned_mod}[where]
+
+    def full(*a, **k):
+        if where == "weights":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, "
+                              "message: \"No space left on device\" })")
+
+    monkeypatch.setattr(module, "save_file", full)
+    before = snapshot(zoo)
+    out = cli("add-task", "--zoo", str(zoo), "--name", "textures", "--data", "builtin:textures", "--epochs", "1",
+              "--json")
+    assert "No space left" in one_line_error(out)
+    monkeypatch.undo()
+    assert snapshot(zoo) == before and Zoo.open(zoo).verify()["ok"]
+
+
 from test_hub import built, server  # noqa: E402,F401  (fixtures for the pull cases)

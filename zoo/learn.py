@@ -20,6 +20,7 @@ from clipzoo.tasks.metrics import accuracy
 from clipzoo.tasks.spec import TaskData, check_name
 from clipzoo.zoo import leases, registry
 from clipzoo.zoo.experts import Expert, build_expert
+from clipzoo.zoo.store import WRITE_FAILURES, WriteError, write_error
 from clipzoo.zoo.train import TrainSettings, fit
 
 
@@ -85,6 +86,10 @@ class Learner:
             record["sha256"] = record["files"]["weights.safetensors"]
             record["metrics"]["add_seconds"] = round(time.perf_counter() - t0, 3)
             self.commit_expert(name, staging, record)
+        except WriteError:
+            raise
+        except WRITE_FAILURES as e:  # the staged files could not be written: the zoo is untouched
+            raise write_error(self.root, e) from e
         finally:
             leases.drop_staging(self.root, staging, held)
         self._experts[name] = (record["sha256"], expert.eval())

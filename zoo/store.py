@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+from safetensors import SafetensorError
 
 from clipzoo import __version__
 from clipzoo.errors import BackboneError, ClipzooError, ConfigError, IntegrityError, RegistryError
@@ -38,6 +39,19 @@ FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))  # "no space left"
 
 class WriteError(RegistryError, OSError):
     """A commit that could not be written: one line for the CLI, still an OSError for callers."""
+
+
+WRITE_FAILURES = (OSError, SafetensorError)  # what a failed write raises (safetensors' is no OSError)
+
+
+def write_error(root: Path, e: BaseException) -> WriteError:
+    """The one-line error for a write into ``root`` that failed (full disk, read-only folder, ...)."""
+    reason = e.strerror if isinstance(e, OSError) and e.strerror else " ".join(str(e).split())
+    return WriteError(f"could not write to {root} ({reason}); the zoo is unchanged")
+
+
+def _disk_full(e: BaseException) -> bool:
+    return getattr(e, "errno", None) in FULL or "No space left" in str(e)
 
 
 class Store:
@@ -213,19 +227,21 @@ class Store:
         router = json.loads(json.dumps(reg.get("router", {})))  # staging bumps it: restored for a retry
         try:
             self._try_commit(reg, stage, undo)
-        except OSError as e:
-            if e.errno not in FULL or not free:
-                raise WriteError(f"could not write to {self.root} ({e.strerror or e}); the zoo is unchanged") from e
+        except WriteError:
+            raise
+        except WRITE_FAILURES as e:
+            if not _disk_full(e) or not free:
+                raise write_error(self.root, e) from e
             for folder in free:  # a rename into the trash, then the trash's contents: frees space first
                 if folder.exists() or folder.is_symlink():
                     paths.remove_path(self.root, leases.to_trash(self.root, folder))
             reg["router"] = router
             try:
                 self._try_commit(reg, stage, undo)
-            except OSError as e2:
+            except WRITE_FAILURES as e2:
                 raise WriteError(
                     f"the disk is full: the removed experts' files are deleted, but {registry.REGISTRY} could not "
-                    f"be written ({e2.strerror or e2}); free some space and run 'clipzoo repair --zoo {self.root} "
+                    f"be written ({getattr(e2, 'strerror', None) or e2}); free some space and run 'clipzoo repair --zoo {self.root} "
                     "--yes'") from e2
         self.registry = reg
         leases.collect(self.root, reg, keep=set(router.get("files", {})))  # the previous version stays
