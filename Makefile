@@ -9,11 +9,11 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml setup.py Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH_PINS)
-	$(BIN)/python -m pip install --quiet -e '.[test,bench]' $(TORCH_PINS)
+	$(BIN)/python -m pip install --quiet -e '.[test,bench,serve]' $(TORCH_PINS)
 	touch $(STAMP)
 
 demo: install

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import click
 
-from clipzoo.cli import bench, hub, predict, repair, zoo
+from clipzoo.cli import bench, hub, predict, repair, serve, zoo
 from clipzoo.cli.options import OneLineErrors, at_least_one
 
 
@@ -34,7 +34,8 @@ def main(threads: int | None) -> None:
 for command in (zoo.init, zoo.add_task, zoo.list_, zoo.remove, zoo.verify, zoo.router_cmd,
                 predict.predict, predict.evaluate, hub.push, hub.pull, repair.repair,
                 bench.bench, bench.demo, bench.bench_kinds, bench.bench_router, bench.bench_fusion,
-                bench.pretrain_tiny, bench.bench_cost):
+                bench.pretrain_tiny, bench.bench_cost,
+                serve.serve, serve.bench_serve):
     main.add_command(command)
 
 if __name__ == "__main__":
