@@ -6,7 +6,15 @@
   written directly into a cache folder under a temporary directory; the probe images are real
   files whose keys come from the key memo);
 - predict of images whose features are all cached, in a fresh process: whether the backbone's
-  model was built, and how long it took.
+  model was built, and how long it took;
+- add-task with cached features (in process, embedded backbone): ``add_seconds`` and the router
+  update's share of it for expert #2 and expert #N (the zoo filled with the built-in domains in
+  turn, 300 training images per class, the fill trained for one epoch; the same task added as #2
+  and as #N, medians of adds to fresh copies, the two sizes in turn);
+- routing + expert cost per image (``predict_features``, top-1, cached features) at N-1 experts
+  against 1 expert;
+- bytes per expert on disk: the built zoo's expert folders and router files, and the statistics
+  plus router share for ViT-B-32-sized features (D=512, synthetic statistics).
 """
 
 from __future__ import annotations
@@ -145,8 +153,106 @@ def build_zoo(root: Path, env: dict) -> tuple[Path, list[Path]]:
     return zoo, images
 
 
+def _route_ms(zoo, feats: torch.Tensor) -> float:
+    """Milliseconds per image of routing + the chosen experts (top-1, no fallback), warm."""
+    zoo.predict_features(feats, fallback=False)  # the router and the experts are loaded
+    t0 = time.perf_counter()
+    zoo.predict_features(feats, fallback=False)
+    return 1000 * (time.perf_counter() - t0) / len(feats)
+
+
+def _timed_add(src: Path, dest: Path, task, train) -> dict:
+    """Add ``task`` to a fresh copy of the zoo ``src`` (backbone loaded first): its metrics."""
+    import shutil
+
+    from clipzoo.zoo.zoo import Zoo
+
+    shutil.rmtree(dest, ignore_errors=True)
+    shutil.copytree(src, dest)
+    zoo = Zoo.open(dest)
+    zoo.backbone  # the model is loaded once per process: not part of what is compared
+    m = zoo.add_task(task, train=train)["metrics"]
+    return {k: m.get(k) for k in ("add_seconds", "train_seconds", "router_seconds")}
+
+
+def add_and_route(root: Path, experts: int, epochs: int, repeats: int = 3) -> dict:
+    """Add-task cost with cached features at expert #2 and #``experts``, and routing + expert cost
+    per image at 1 and at ``experts`` experts, on the embedded backbone. The two sizes are measured
+    in turn, ``repeats`` times each (every add on a fresh copy of the zoo), medians: a machine
+    whose load drifts weighs on both sides alike."""
+    import shutil
+
+    from clipzoo.tasks.data import load_builtin
+    from clipzoo.tasks.synthetic import DOMAINS
+    from clipzoo.zoo.train import TrainSettings
+    from clipzoo.zoo.zoo import Zoo
+
+    domains = list(DOMAINS)
+    # 300 training images per class: about the size of the shared real data sets (1,200 per task)
+    tasks = [load_builtin(domains[i % len(domains)], n_train=300, name=f"t{i}") for i in range(experts)]
+    z = Zoo.create(root / "zoo-n")
+    probe = torch.cat([z.features(t.test.images) for t in tasks[:len(domains)]])  # every feature cached now
+    for t in tasks[:len(domains)]:
+        z.features(t.train.images)
+    timed, fill = TrainSettings(epochs=epochs), TrainSettings(epochs=1)
+    for i, t in enumerate(tasks[:-1]):
+        z.add_task(t, train=fill)
+        if i == 0:
+            shutil.copytree(z.root, root / "zoo-1")
+    one = Zoo.open(root / "zoo-1")
+    adds: dict[str, list[dict]] = {"expert_2": [], f"expert_{experts}": []}
+    route: dict[str, list[float]] = {"experts_1": [], f"experts_{experts - 1}": []}
+    for _ in range(repeats):
+        adds["expert_2"].append(_timed_add(root / "zoo-1", root / "zoo-add", tasks[-1], timed))  # the same task
+        adds[f"expert_{experts}"].append(_timed_add(z.root, root / "zoo-add", tasks[-1], timed))
+        route["experts_1"].append(_route_ms(one, probe))
+        route[f"experts_{experts - 1}"].append(_route_ms(z, probe))
+    med = {k: {f: round(statistics.median(a[f] for a in v), 3) for f in v[0]} for k, v in adds.items()}
+    for a in med.values():
+        a["router_share"] = round(a["router_seconds"] / a["add_seconds"], 3)
+    r = {k: round(statistics.median(v), 4) for k, v in route.items()}
+    first, last = med["expert_2"], med[f"expert_{experts}"]
+    return {"experts": experts, "epochs": epochs, "repeats": repeats, "probe_images": len(probe), "adds": med,
+            "ratio_add_last_vs_2": round(last["add_seconds"] / first["add_seconds"], 2),
+            "router_share_max": max(a["router_share"] for a in med.values()),
+            "route_ms_per_image": r,
+            "ratio_route_last_vs_1": round(r[f"experts_{experts - 1}"] / r["experts_1"], 2),
+            "bytes_per_expert_embedded": zoo_bytes_per_expert(z.root, len(z.names)),
+            "zoo": z.root}
+
+
+def zoo_bytes_per_expert(root: Path, n: int) -> dict:
+    """Bytes on disk per expert: expert folders (weights, config, stats) and router files, over ``n``."""
+    experts = sum(p.stat().st_size for p in (root / "experts").rglob("*") if p.is_file())
+    router = sum(p.stat().st_size for p in (root / "router").glob("router-v*")) if (root / "router").is_dir() else 0
+    stats = sum(p.stat().st_size for p in (root / "experts").glob("*/stats.safetensors"))
+    return {"total": round((experts + router) / n), "stats": round(stats / n), "router": round(router / n),
+            "router_versions_on_disk": len(list((root / "router").glob("router-v*.safetensors")))}
+
+
+def vit_bytes_per_expert(root: Path, dim: int = 512, tasks: int = 8, versions: int = 1) -> dict:
+    """Statistics + router bytes per expert for ``dim``-d features (synthetic statistics, as
+    computed for real ones), with ``versions`` router versions on disk (the expert's own weights,
+    which depend on its kind, are not included)."""
+    from clipzoo.bench.router import _synthetic_stats
+    from clipzoo.router.learned import RouterConfig, SparseRouter
+
+    stats = {f"s{i}": s for i, (s, _) in enumerate(_synthetic_stats(tasks, dim, seed=0, per_class=12))}
+    folder = root / f"vit-{dim}"
+    folder.mkdir(parents=True)
+    per_stats = []
+    for name, s in stats.items():
+        (folder / name).mkdir()
+        per_stats.append((folder / name / s.save(folder / name)).stat().st_size)
+    r = SparseRouter.from_stats(stats, RouterConfig(cold_steps=1, pool=256))
+    router = sum((folder / f).stat().st_size for f in r.save(folder, "router-v1"))
+    st = sum(per_stats) / tasks
+    return {"dim": dim, "stats": round(st), "router": round(router / tasks),
+            "router_versions": versions, "total": round(st + versions * router / tasks)}
+
+
 def run_cost(runs: int = 5, small: int = 1000, large: int = 50_000, dim: int = 512, probes: int = 200,
-             zoo: Path | None = None) -> dict:
+             zoo: Path | None = None, experts: int = 64, add_epochs: int = 20) -> dict:
     """Every measurement above in one run; returns the JSON document (machine, settings, results)."""
     with tempfile.TemporaryDirectory(prefix="clipzoo-cost-") as tmp:
         tmp = Path(tmp)
@@ -160,17 +266,37 @@ def run_cost(runs: int = 5, small: int = 1000, large: int = 50_000, dim: int = 5
                         "torch": torch.__version__, "threads": threads() or torch.get_num_threads(),
                         "load_avg_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None},
             "settings": {"runs": runs, "cache_small": small, "cache_large": large, "dim": dim, "probes": probes,
+                         "experts": experts, "add_epochs": add_epochs,
                          "zoo": "built: 1 clip-adapter expert (builtin:shapes) on clipzoo-tiny" if images else str(zoo)},
             "startup": startup(zoo, runs, env),
             "cache_hit": cache_hits(tmp / "hits", small, large, dim, probes),
         }
         if images:
             result["cached_predict"] = cached_predict(zoo, images, env)
+        if experts >= 2:
+            saved = os.environ.get("CLIPZOO_CACHE")
+            os.environ["CLIPZOO_CACHE"] = env["CLIPZOO_CACHE"]  # the run's own cache, not the user's
+            try:
+                grow = add_and_route(tmp, experts, add_epochs)
+            finally:
+                if saved is None:
+                    os.environ.pop("CLIPZOO_CACHE", None)
+                else:
+                    os.environ["CLIPZOO_CACHE"] = saved
+            grow.pop("zoo")
+            result["add_and_route"] = grow
+            versions = grow["bytes_per_expert_embedded"]["router_versions_on_disk"]
+            result["bytes_per_expert_vit_b_32"] = vit_bytes_per_expert(tmp, 512, versions=versions)
     s, c = result["startup"]["ratio_vs_help"], result["cache_hit"]
     result["targets"] = {"list_within_3x_help": s["list"] <= 3, "verify_within_3x_help": s["verify"] <= 3,
                          "cache_hit_within_1.5x_1k_to_50k": c["ratio_single"] <= 1.5 and c["ratio_batch"] <= 1.5}
     if "cached_predict" in result:
         result["targets"]["cached_predict_without_model"] = not result["cached_predict"]["no-fallback"]["model_built"]
+    if "add_and_route" in result:
+        g = result["add_and_route"]
+        result["targets"].update({f"add_expert_{g['experts']}_within_1.2x_expert_2": g["ratio_add_last_vs_2"] <= 1.2,
+                                  "router_refresh_under_25%_of_add": g["router_share_max"] < 0.25,
+                                  f"route_{g['experts'] - 1}_within_1.5x_1": g["ratio_route_last_vs_1"] <= 1.5})
     return result
 
 
@@ -193,5 +319,22 @@ def markdown(res: dict) -> str:
             rows.append((f"predict of {p['images']} cached images ({mode}), fresh process",
                          f"model built: {'yes' if p['model_built'] else 'no'}; {p['seconds']} s; fallbacks {p['fallbacks']}",
                          "not built"))
+    if "add_and_route" in res:
+        g, v = res["add_and_route"], res["bytes_per_expert_vit_b_32"]
+        n, a2, an = g["experts"], g["adds"]["expert_2"], g["adds"][f"expert_{g['experts']}"]
+        e = g["bytes_per_expert_embedded"]
+        rows += [(f"add-task, cached features ({g['epochs']} epochs): expert #{n} vs #2",
+                  f"{g['ratio_add_last_vs_2']}x ({a2['add_seconds']} -> {an['add_seconds']} s)", "1.2x"),
+                 ("router refresh share of the add, #2 / #" + str(n),
+                  f"{round(100 * a2['router_share'])}% / {round(100 * an['router_share'])}% "
+                  f"({a2['router_seconds']} / {an['router_seconds']} s)", "under 25%"),
+                 (f"routing + expert per image, {n - 1} vs 1 experts ({g['probe_images']} cached images, top-1)",
+                  f"{g['ratio_route_last_vs_1']}x ({g['route_ms_per_image']['experts_1']} -> "
+                  f"{g['route_ms_per_image'][f'experts_{n - 1}']} ms)", "1.5x"),
+                 ("bytes per expert, embedded backbone (all files / experts)",
+                  f"{e['total']:,} (stats {e['stats']:,}, router {e['router']:,}; {e['router_versions_on_disk']} router version on disk)",
+                  "-"),
+                 ("bytes per expert, ViT-B-32 size (D=512): stats + router",
+                  f"{v['total']:,} (stats {v['stats']:,}, router {v['router']:,} x {v['router_versions']})", "2x smaller")]
     lines = ["| what | measured | target |", "|---|---|---|"] + [f"| {a} | {b} | {t} |" for a, b, t in rows]
     return "\n".join(lines)

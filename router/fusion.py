@@ -30,13 +30,13 @@ Two uses:
   expert's own adapted feature (uniform averaging of the experts' output distributions),
   ``'top1'`` answers with the router's first choice only.
 
-  The global layer never needs old raw images and keeps ``add-task`` flat: it is trained lazily,
-  the first time fusion mode is used on a given set of experts, on a fixed budget of
+  The global layer never needs old raw images: it is trained the first time fusion mode is used
+  on a zoo, and after that at each ``add-task`` (see :mod:`clipzoo.zoo.predict`), on a fixed budget of
   *pseudo-features* drawn from each expert's stored class statistics (``class_means`` +
   ``class_cov`` of :mod:`clipzoo.router.stats`, unit-normalised like real features), routed by the
   zoo's router so the candidate sets look like those at test time. Cost: a fixed budget of
   samples and optimiser steps whatever the number of tasks (only routing the samples and reading
-  the experts grow with it); ``add-task`` itself does no fusion work.
+  the experts grow with it).
   Being a deterministic function of (expert files, k, settings, seed), it is cached outside the
   zoo directory by :mod:`clipzoo.zoo.predict`.
 """

@@ -62,16 +62,19 @@ class NearestStatsRouter:
     def __init__(self, stats: dict[str, TaskStats], ood_quantile: float = DEFAULT_QUANTILE):
         self.names = list(stats)
         self.ood: OODDetector = detector_from_stats(list(stats.values()), ood_quantile)
-        self._mean = torch.stack([s.mean for s in stats.values()]) if stats else torch.empty(0)
-        self._prec = torch.stack([torch.linalg.inv(s.cov) for s in stats.values()]) if stats else torch.empty(0)
-        self._logdet = torch.stack([torch.linalg.slogdet(s.cov)[1] for s in stats.values()]) if stats else torch.empty(0)
+        covs = [s.cov.double() for s in stats.values()]
+        self._mean = torch.stack([s.mean.float() for s in stats.values()]) if stats else torch.empty(0)
+        # the inverse factors (float64 once, float32 after): maha = |W_e (x - mean_e)|^2 for all experts at once
+        self._white = torch.stack([torch.linalg.inv(torch.linalg.cholesky(c)).float() for c in covs]) \
+            if stats else torch.empty(0)
+        self._logdet = torch.stack([torch.linalg.slogdet(c)[1] for c in covs]).float() if stats else torch.empty(0)
 
     def scores(self, feats: torch.Tensor) -> torch.Tensor:
-        x = feats.double()
-        diff = x[:, None, :] - self._mean[None]                       # (B, E, D)
-        maha = torch.einsum("bed,edf,bef->be", diff, self._prec, diff)
-        d = x.shape[1]
-        return (-0.5 * (maha + self._logdet[None] + d * math.log(2 * math.pi))).float()
+        """Gaussian log-likelihood of each input under each task ``(B, E)``, batched in float32."""
+        diff = feats.float()[None] - self._mean[:, None, :]                   # (E, B, D)
+        maha = torch.bmm(diff, self._white.transpose(1, 2)).pow(2).sum(2).T   # (B, E)
+        d = feats.shape[1]
+        return -0.5 * (maha + self._logdet[None] + d * math.log(2 * math.pi))
 
     def route(self, feats: torch.Tensor, k: int = 1) -> Routing:
         return top_k(self.scores(feats), self.names, k, self.ood.score(feats))

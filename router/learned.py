@@ -13,8 +13,10 @@ cross-entropy over tasks, plus an optional Switch-style load-balancing term. The
 default: the correction, trained on samples of the very Gaussians the prior scores, learns
 nothing the prior lacks, and the sum routed worse than either part (the README's router section
 has the figures). Adding a task appends one output row and fine-tunes
-from the previous gate on a pool of fixed size (``pool`` samples shared by all tasks, ``steps``
-optimiser steps), so the update cost stays flat as experts are added. Optional real-feature
+from the previous gate on a pool of fixed size (``pool`` samples shared by all tasks) for at most
+``steps`` optimiser steps, stopping once the loss levels off (after ``min_steps``, the mean loss of
+the last ``check_every`` steps improved on the window before by less than ``tol`` of it), so the
+update cost is bounded and flat as experts are added. Optional real-feature
 exemplars per task (``exemplars``, off by default) replace that many of the task's pseudo-features.
 
 Routing: top-k of the gate's softmax; the "none" outcome is the calibrated OOD score of
@@ -53,7 +55,10 @@ class RouterConfig:
     prior: bool = False          # add each task's class-mixture Gaussian log-likelihood to its logit
     pool: int = 8192             # pseudo-features sampled per update, shared by all tasks
     min_per_task: int = 32       # ... but at least this many per task
-    steps: int = 500             # optimiser steps when a task is added (warm start)
+    steps: int = 500             # at most this many optimiser steps when a task is added (warm start)
+    min_steps: int = 100         # ... at least this many, then stop when the loss levels off
+    check_every: int = 50        # window of steps whose mean loss is compared with the window before
+    tol: float = 0.005           # levelled off: a window improves on the one before by less than this share
     cold_steps: int = 1200       # optimiser steps when the gate is built from scratch
     batch_size: int = 256
     lr: float = 3e-3
@@ -67,6 +72,8 @@ class RouterConfig:
             raise ConfigError("router hidden must be >= 0 and pool, min_per_task, steps, cold_steps >= 1")
         if self.batch_size < 1 or self.lr <= 0 or self.balance < 0 or self.exemplars < 0:
             raise ConfigError("router batch_size must be >= 1, lr > 0, balance and exemplars >= 0")
+        if self.min_steps < 1 or self.check_every < 1 or self.tol < 0:
+            raise ConfigError("router min_steps and check_every must be >= 1, tol >= 0")
 
     @classmethod
     def from_dict(cls, d: dict) -> "RouterConfig":
@@ -79,7 +86,8 @@ class RouterConfig:
 
 @dataclass
 class TaskGaussians:
-    """What the router keeps of one task: its class Gaussians, OOD calibration and exemplars."""
+    """What the router keeps of one task: its class Gaussians, OOD calibration and exemplars
+    (float32; the quantiles float64; router files of older versions in float64 are cast on load)."""
 
     class_means: torch.Tensor    # (C, D)
     class_counts: torch.Tensor   # (C,)
@@ -87,11 +95,16 @@ class TaskGaussians:
     ood_quantiles: torch.Tensor  # (101,)
     exemplars: torch.Tensor      # (M, D), M may be 0
 
+    def __post_init__(self) -> None:
+        self.class_means, self.class_counts = self.class_means.float(), self.class_counts.float()
+        self.chol, self.exemplars = self.chol.float(), self.exemplars.float()
+        self.ood_quantiles = self.ood_quantiles.double()
+
     @classmethod
     def from_stats(cls, s: TaskStats, exemplars: torch.Tensor | None = None) -> "TaskGaussians":
         ex = exemplars if exemplars is not None else torch.empty(0, s.class_means.shape[1])
-        return cls(s.class_means.double(), s.class_counts.double(), torch.linalg.cholesky(s.class_cov.double()),
-                   s.ood_quantiles.double(), F.normalize(ex.double(), dim=-1))
+        return cls(s.class_means, s.class_counts, torch.linalg.cholesky(s.class_cov.double()),
+                   s.ood_quantiles, F.normalize(ex.double(), dim=-1))
 
     def log_likelihood(self, dists: torch.Tensor, logdet: torch.Tensor) -> torch.Tensor:
         """``log p(x)`` under the class mixture (up to a constant shared by all tasks), from the
@@ -104,7 +117,7 @@ class TaskGaussians:
         real = self.exemplars[:n]
         m = n - len(real)
         cls = torch.multinomial(self.class_counts.clamp_min(1e-9), m, replacement=True, generator=gen)
-        return torch.cat([real, pseudo_features(self.class_means, self.chol, cls, gen)])
+        return torch.cat([real, pseudo_features(self.class_means, self.chol, cls, gen)])  # float32
 
 
 class Gate(nn.Module):
@@ -163,7 +176,7 @@ class SparseRouter:
         r.names = list(stats)
         r.tasks = [TaskGaussians.from_stats(s, r._cap(ex.get(n))) for n, s in stats.items()]
         r.gate = Gate(dim, config.hidden, len(r.names), config.seed)
-        r._train(config.cold_steps)
+        r._train(config.cold_steps, early_stop=False)
         return r
 
     def add(self, name: str, stats: TaskStats, exemplars: torch.Tensor | None = None) -> None:
@@ -203,7 +216,9 @@ class SparseRouter:
         xs = [t.sample(per, gen) for t in self.tasks]
         return torch.cat(xs).float(), torch.arange(len(xs)).repeat_interleave(per)
 
-    def _train(self, steps: int) -> None:
+    def _train(self, steps: int, early_stop: bool = True) -> None:
+        """At most ``steps`` optimiser steps on a fresh pool; with ``early_stop``, stop once the
+        loss levels off (see :class:`RouterConfig`)."""
         t0 = time.perf_counter()
         c = self.config
         if len(self.tasks) < 2:  # one expert: its softmax weight is 1 whatever the gate says
@@ -213,10 +228,12 @@ class SparseRouter:
         with one_thread():
             x, y = self.pool(gen)
             prior = self._prior(x)
-            opt = torch.optim.AdamW(self.gate.parameters(), lr=c.lr, weight_decay=c.weight_decay)
+            opt = torch.optim.AdamW(self.gate.parameters(), lr=c.lr, weight_decay=c.weight_decay, foreach=True)
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
             self.gate.train()
-            for _ in range(steps):
+            losses = torch.zeros(steps)
+            done, stop_at = 0, steps
+            while done < stop_at:
                 idx = torch.randint(len(x), (min(c.batch_size, len(x)),), generator=gen)
                 logits = self.gate(x[idx]) + prior[idx]
                 loss = F.cross_entropy(logits, y[idx])
@@ -225,12 +242,23 @@ class SparseRouter:
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                losses[done] = loss.detach()
+                done += 1
+                if stop_at < steps:  # levelled off: the learning rate decays linearly to 0, then stop
+                    for grp in opt.param_groups:
+                        grp["lr"] = lr_end * (stop_at - done) / c.check_every
+                    continue
                 sched.step()
+                if early_stop and done >= max(c.min_steps, 2 * c.check_every) and done % c.check_every == 0:
+                    w = c.check_every
+                    cur, prev = float(losses[done - w:done].mean()), float(losses[done - 2 * w:done - w].mean())
+                    if prev - cur < c.tol * prev:
+                        stop_at, lr_end = min(steps, done + w), opt.param_groups[0]["lr"]
             self.gate.eval()
             with torch.no_grad():
                 acc = float(((self.gate(x) + prior).argmax(1) == y).float().mean())
-        self.info = {"update_seconds": round(time.perf_counter() - t0, 4), "steps": steps, "pool": len(x),
-                     "pool_acc": round(acc, 6)}
+        self.info = {"update_seconds": round(time.perf_counter() - t0, 4), "steps": done, "max_steps": steps,
+                     "pool": len(x), "pool_acc": round(acc, 6), "final_loss": round(float(losses[done - 1]), 6)}
 
     # ----- routing ---------------------------------------------------------------------------
     @property
@@ -241,26 +269,28 @@ class SparseRouter:
                                     [t.ood_quantiles for t in self.tasks], self.ood_quantile)
         return self._ood
 
-    def _prior(self, feats: torch.Tensor, dists: list[torch.Tensor] | None = None) -> torch.Tensor:
-        """Each task's class-mixture log-likelihood ``(B, E)``, or zeros with ``prior=False``."""
+    def _prior(self, feats: torch.Tensor, padded: torch.Tensor | None = None) -> torch.Tensor:
+        """Each task's class-mixture log-likelihood ``(B, E)``, or zeros with ``prior=False``;
+        ``padded``: :meth:`OODDetector.padded_distances` of ``feats`` if already computed."""
         if not self.config.prior:
             return torch.zeros(len(feats), len(self.tasks))
-        dists = self.ood.distances(feats) if dists is None else dists
-        return torch.stack([t.log_likelihood(d, ld) for t, d, ld in zip(self.tasks, dists, self.ood.logdets)],
+        dists = self.ood.distances(feats, padded)
+        return torch.stack([t.log_likelihood(d, ld) for t, d, ld in zip(self.tasks, dists, self.ood.logdets.float())],
                            1).float()
 
     @torch.no_grad()
-    def logits(self, feats: torch.Tensor, dists: list[torch.Tensor] | None = None) -> torch.Tensor:
+    def logits(self, feats: torch.Tensor, padded: torch.Tensor | None = None) -> torch.Tensor:
         """Gate logits ``(B, E)``: prior log-likelihood + learned correction."""
-        return self.gate(feats) + self._prior(feats, dists)
+        return self.gate(feats) + self._prior(feats, padded)
 
     def scores(self, feats: torch.Tensor) -> torch.Tensor:
         """Log-probabilities over the experts ``(B, E)``."""
         return self.logits(feats).log_softmax(1)
 
     def route(self, feats: torch.Tensor, k: int = 1) -> Routing:
-        dists = self.ood.distances(feats)
-        return top_k(self.logits(feats, dists).log_softmax(1), self.names, k, self.ood.score(feats, dists))
+        """Top-k of the gate and the OOD score, all tasks scored in one batched float32 pass."""
+        padded = self.ood.padded_distances(feats)
+        return top_k(self.logits(feats, padded).log_softmax(1), self.names, k, self.ood.score(feats, padded))
 
     # ----- files -----------------------------------------------------------------------------
     def save(self, folder: Path, stem: str) -> list[str]:

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from sklearn.covariance import LedoitWolf
 
 from clipzoo.errors import ConfigError
+from clipzoo.router.shrinkage import ledoit_wolf
 
 QUANTILES = torch.linspace(0, 1, 101, dtype=torch.float64)
 DEFAULT_QUANTILE = 0.99
@@ -38,13 +38,13 @@ def class_gaussians(x: np.ndarray, y: np.ndarray, num_classes: int) -> tuple[np.
     """Per-class means ``(C, D)`` (the overall mean for an empty class) and the pooled within-class
     Ledoit-Wolf shrunk covariance ``(D, D)``."""
     means = np.stack([x[y == c].mean(0) if (y == c).any() else x.mean(0) for c in range(num_classes)])
-    cov = LedoitWolf(assume_centered=True).fit(x - means[y]).covariance_
+    cov = ledoit_wolf(torch.from_numpy(x - means[y]), assume_centered=True).numpy()
     return means, cov
 
 
 def whiten(x: torch.Tensor, chol: torch.Tensor) -> torch.Tensor:
     """Rows ``x (B, D)`` whitened by the covariance ``chol @ chol.T``: ``chol^-1 x``."""
-    return torch.linalg.solve_triangular(chol, x.double().T, upper=False).T
+    return torch.linalg.solve_triangular(chol.double(), x.double().T, upper=False).T
 
 
 def class_mahalanobis(x: torch.Tensor, means: torch.Tensor, chol: torch.Tensor) -> torch.Tensor:
@@ -74,12 +74,16 @@ def heldout_quantiles(feats: torch.Tensor, labels: torch.Tensor, num_classes: in
 
 
 class OODDetector:
-    """Calibrated OOD score over the known tasks (see the module docstring)."""
+    """Calibrated OOD score over the known tasks (see the module docstring).
+
+    Scoring is batched over the tasks in float32: the Cholesky factors are stacked ``(E, D, D)``
+    and the class means, whitened once, padded to ``(E, C_max, D)``, so one triangular solve and
+    one distance computation serve every task (no Python loop over the tasks per call)."""
 
     def __init__(self, class_means: list[torch.Tensor], chols: list[torch.Tensor], quantiles: list[torch.Tensor],
                  q: float = DEFAULT_QUANTILE):
         self.class_means, self.chols, self.quantiles = class_means, chols, quantiles
-        self._white_means: list[torch.Tensor] | None = None
+        self._batched: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.logdets = torch.stack([2 * torch.log(torch.diagonal(c.double())).sum() for c in chols]) if chols \
             else torch.empty(0, dtype=torch.float64)
         self.q = q
@@ -96,7 +100,7 @@ class OODDetector:
     def false_fallback_rate(self, tau: float) -> float:
         """Mean over tasks of the held-out share of the task's inputs with ``d_t + log det > tau``."""
         grid = QUANTILES.numpy()
-        return float(np.mean([1 - np.interp(tau - ld, qt.numpy(), grid)
+        return float(np.mean([1 - np.interp(tau - ld, qt.double().numpy(), grid)
                               for qt, ld in zip(self.quantiles, self.logdets.tolist())]))
 
     def _solve_threshold(self, q: float) -> float:
@@ -107,23 +111,44 @@ class OODDetector:
             lo, hi = (mid, hi) if self.false_fallback_rate(mid) > 1 - q else (lo, mid)
         return hi
 
-    def distances(self, feats: torch.Tensor) -> list[torch.Tensor]:
+    def _stacked(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Factors ``(E, D, D)``, whitened class means ``(E, C_max, D)`` and the mask of padded
+        classes ``(E, C_max)``, float32, built once."""
+        if self._batched is None:
+            L = torch.stack([c.float() for c in self.chols])
+            c_max = max(len(m) for m in self.class_means)
+            wm = torch.zeros(len(L), c_max, L.shape[1])
+            pad = torch.ones(len(L), c_max, dtype=torch.bool)
+            for e, (m, c) in enumerate(zip(self.class_means, self.chols)):
+                wm[e, :len(m)] = whiten(m, c).float()   # once per detector, in float64
+                pad[e, :len(m)] = False
+            self._batched = (L, wm, pad)
+        return self._batched
+
+    def padded_distances(self, feats: torch.Tensor) -> torch.Tensor:
+        """Squared Mahalanobis distances of every input to every task's classes ``(E, B, C_max)``
+        (``inf`` on padded classes), float32, all tasks at once."""
+        L, wm, pad = self._stacked()
+        x = feats.float().T.expand(len(L), -1, -1)                    # (E, D, B)
+        xw = torch.linalg.solve_triangular(L, x, upper=False).transpose(1, 2)   # (E, B, D)
+        return torch.cdist(xw, wm).pow(2).masked_fill(pad[:, None, :], float("inf"))
+
+    def distances(self, feats: torch.Tensor, padded: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Per task, the squared Mahalanobis distances to its classes ``(B, C_t)``."""
-        if self._white_means is None:  # the class means whitened once, not per call
-            self._white_means = [whiten(m, c) for m, c in zip(self.class_means, self.chols)]
-        return [torch.cdist(whiten(feats, c), wm).pow(2) for c, wm in zip(self.chols, self._white_means)]
+        d = self.padded_distances(feats) if padded is None else padded
+        return [d[e, :, :len(m)] for e, m in enumerate(self.class_means)]
 
-    def task_scores(self, feats: torch.Tensor, dists: list[torch.Tensor] | None = None) -> torch.Tensor:
-        """``d_t(x) + log det Sigma_t`` for every task: ``(B, E)`` (``-2 log p`` up to a constant)."""
-        dists = self.distances(feats) if dists is None else dists
-        return torch.stack([d.min(1).values for d in dists], 1) + self.logdets[None]
+    def task_scores(self, feats: torch.Tensor, padded: torch.Tensor | None = None) -> torch.Tensor:
+        """``d_t(x) + log det Sigma_t`` for every task: ``(B, E)`` (``-2 log p`` up to a constant).
+        ``padded`` reuses :meth:`padded_distances` already computed for ``feats``."""
+        d = self.padded_distances(feats) if padded is None else padded
+        return d.min(2).values.T + self.logdets.float()[None]
 
-    def score(self, feats: torch.Tensor, dists: list[torch.Tensor] | None = None) -> torch.Tensor:
-        """``ood_score``: higher is more out-of-distribution; ``> 0`` falls back. ``dists`` reuses
-        :meth:`distances` already computed for ``feats``."""
+    def score(self, feats: torch.Tensor, padded: torch.Tensor | None = None) -> torch.Tensor:
+        """``ood_score``: higher is more out-of-distribution; ``> 0`` falls back."""
         if not self.chols:
             return torch.full((len(feats),), float("inf"))
-        return (self.task_scores(feats, dists).min(1).values - self.threshold).float()
+        return self.task_scores(feats, padded).min(1).values - float(self.threshold)
 
     def is_ood(self, feats: torch.Tensor) -> torch.Tensor:
         return self.score(feats) > 0
@@ -131,5 +156,5 @@ class OODDetector:
 
 def detector_from_stats(stats: list, q: float = DEFAULT_QUANTILE) -> OODDetector:
     """An :class:`OODDetector` from :class:`clipzoo.router.stats.TaskStats` objects, in expert order."""
-    return OODDetector([s.class_means for s in stats], [torch.linalg.cholesky(s.class_cov) for s in stats],
+    return OODDetector([s.class_means for s in stats], [torch.linalg.cholesky(s.class_cov.double()) for s in stats],
                        [s.ood_quantiles for s in stats], q)

@@ -4,7 +4,7 @@ For each task: the task mean and a Ledoit-Wolf shrunk covariance of its training
 plus per-class means and counts and the pooled within-class shrunk covariance (what a router
 needs to sample pseudo-features of old tasks later), and the quantiles of held-out
 in-distribution OOD scores that calibrate the fallback (:mod:`clipzoo.router.ood`). Stored as
-``stats.safetensors``.
+``stats.safetensors``, float32 (the quantiles float64); computed in float64.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ STATS_FILE = "stats.safetensors"
 
 def pseudo_features(means: torch.Tensor, chol: torch.Tensor, cls: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Unit-norm samples of the class Gaussians ``N(means[c], chol @ chol.T)`` for the classes
-    ``cls`` (float64): what routers and fusion train on instead of old tasks' images."""
-    z = torch.randn(len(cls), chol.shape[0], generator=gen, dtype=torch.float64)
-    return torch.nn.functional.normalize(means[cls] + z @ chol.T, dim=-1)
+    ``cls``, in ``chol``'s dtype: what routers and fusion train on instead of old tasks' images."""
+    z = torch.randn(len(cls), chol.shape[0], generator=gen, dtype=chol.dtype)
+    return torch.nn.functional.normalize(means[cls].to(chol.dtype) + z @ chol.T, dim=-1)
 
 @dataclass
 class TaskStats:
@@ -37,8 +37,15 @@ class TaskStats:
     class_cov: torch.Tensor     # (D, D) pooled within-class shrunk covariance
     ood_quantiles: torch.Tensor  # (101,) quantiles of held-out in-distribution OOD scores
 
+    def __post_init__(self) -> None:
+        """Means, counts and covariances in float32 (what is stored; files written in float64 by
+        older versions load the same way), the OOD quantiles in float64."""
+        for f in fields(self):
+            v = getattr(self, f.name)
+            setattr(self, f.name, v.double() if f.name == "ood_quantiles" else v.float())
+
     def save(self, folder: Path) -> str:
-        save_file({k: v.contiguous().double() for k, v in self.__dict__.items()}, str(folder / STATS_FILE))
+        save_file({k: v.contiguous() for k, v in self.__dict__.items()}, str(folder / STATS_FILE))
         return STATS_FILE
 
     @classmethod

@@ -217,8 +217,9 @@ def test_a_reader_keeps_its_version_while_writers_commit(zoo, tmp_path):
     before = set(registry.read(zoo)["router"]["files"])
     Zoo.open(zoo).refresh_router()  # the next writer, with no other reader, collects the garbage
     reg = registry.read(zoo)
-    assert not (zoo / "experts" / "colours").exists()  # only the current and the previous router stay
-    assert {f"router/{p.name}" for p in (zoo / "router").iterdir()} == set(reg["router"]["files"]) | before
+    assert not (zoo / "experts" / "colours").exists()  # only the current router stays (issue 15: pruned)
+    assert {f"router/{p.name}" for p in (zoo / "router").iterdir()} == set(reg["router"]["files"])
+    assert not before & set(reg["router"]["files"])
 
 
 # ----- 4. durability and hygiene ------------------------------------------------------------------------

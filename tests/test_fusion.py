@@ -181,9 +181,36 @@ def test_global_fusion_learns_from_stats_is_cached_and_never_writes_the_zoo(zoo_
     again = Zoo.open(z.root)
     again.fusion_settings = SMALL
     assert _fusion_preds(again, tasks)[0] == preds and again.fusion_info["cached"] is True
-    z.add_task(builtin_tasks["digits"], train=FAST)  # new expert: a new fusion is trained
-    z.predict_features(z.features(tasks[0].test.images[:4]), top_k=2, mode="fusion")
-    assert z.fusion_info["cached"] is False
+    assert z.fusion_ks() == [2]
+    rec = z.add_task(builtin_tasks["digits"], train=FAST)  # new expert: its fusion is trained at add time
+    m = rec["metrics"]
+    assert m["fusion_seconds"] > 0 and m["add_seconds"] >= m["fusion_seconds"] + m["router_seconds"]
+    assert z.registry["experts"]["digits"]["metrics"] == m
+    fresh = Zoo.open(z.root)
+    fresh.fusion_settings = SMALL
+    fresh.predict_features(z.features(tasks[0].test.images[:4]), top_k=2, mode="fusion")
+    assert fresh.fusion_info["cached"] is True  # the first predict after the add trains nothing
+
+
+def test_fusion_is_ready_after_an_add_from_the_cli(zoo_copy, builtin_tasks, tmp_path):
+    """``predict --mode fusion`` after ``add-task`` (fresh processes, default settings) finds its fusion trained."""
+    z = zoo_copy
+    z.remove("digits", cascade=True)
+    z.predict_features(z.features(builtin_tasks["shapes"].test.images[:2]), top_k=2, mode="fusion")
+    folder = tmp_path / "digits"
+    write_imagefolder(builtin_tasks["digits"], folder)
+    res = CliRunner().invoke(main, ["add-task", "--zoo", str(z.root), "--name", "digits2", "--data", str(folder),
+                                    "--epochs", "2"])
+    assert res.exit_code == 0, res.output
+    metrics = registry.read(z.root)["experts"]["digits2"]["metrics"]
+    assert metrics["fusion_seconds"] > 0 and metrics["router_seconds"] >= 0
+    fresh = Zoo.open(z.root)
+    fresh.predict_features(fresh.features(builtin_tasks["shapes"].test.images[:2]), top_k=2, mode="fusion")
+    assert fresh.fusion_info == {"cached": True}
+    # a zoo that never used fusion mode pays nothing for it at add time
+    plain = Zoo.create(tmp_path / "plain")
+    for d in ("shapes", "colours"):
+        assert "fusion_seconds" not in plain.add_task(builtin_tasks[d], train=FAST)["metrics"]
 
 
 def test_predict_of_a_composed_expert_reports_its_source_weights(base_zoo, builtin_tasks):

@@ -129,6 +129,85 @@ def test_update_works_on_a_fixed_pool_whatever_the_number_of_experts():
     assert sizes[0] == 0 and max(sizes[1:]) <= 1024 + 16 and min(sizes[1:]) >= 1024 - 16
 
 
+def test_router_update_steps_are_bounded_whatever_the_number_of_experts():
+    """A warm update runs at most ``steps`` optimiser steps (fewer once the loss levels off), and
+    its pool does not grow with the experts: the update's work is bounded."""
+    tasks = _synthetic_stats(24, DIM, seed=2, per_class=12)
+    cfg = RouterConfig(steps=80, min_steps=20, check_every=10, pool=1024, min_per_task=16)
+    r = SparseRouter(DIM, cfg)
+    steps = []
+    for i, (stats, _) in enumerate(tasks):
+        r.add(f"s{i}", stats)
+        steps.append(r.info["steps"])
+    assert steps[0] == 0 and all(1 <= s <= cfg.steps for s in steps[1:])
+    assert all(s >= cfg.min_steps for s in steps[1:])
+
+
+def _old_ood_scores(stats: list[TaskStats], det, feats: torch.Tensor) -> torch.Tensor:
+    """The float64, one-task-at-a-time score of the previous implementation (the reference)."""
+    from clipzoo.router.ood import class_mahalanobis
+
+    per_task = [class_mahalanobis(feats, s.class_means.double(), torch.linalg.cholesky(s.class_cov.double())).min(1).values
+                for s in stats]
+    return (torch.stack(per_task, 1) + det.logdets[None]).min(1).values - det.threshold
+
+
+def test_batched_float32_scoring_makes_the_same_decisions(synth):
+    """The batched float32 OOD score and routing agree with the float64 per-task path on random data."""
+    import math
+
+    stats = [s for s, _ in synth.values()]
+    det = detector_from_stats(stats)
+    g = torch.Generator().manual_seed(7)
+    feats = torch.cat([x for _, x in synth.values()] + [F.normalize(torch.randn(200, DIM, generator=g), dim=1)])
+    old = _old_ood_scores(stats, det, feats)
+    new = det.score(feats)
+    assert new.dtype == torch.float32
+    torch.testing.assert_close(new.double(), old, rtol=1e-4, atol=1e-3)
+    assert torch.equal(new > 0, old > 0)
+    # per-task distances and task choice (argmin of d_t + log det) match too
+    ts = det.task_scores(feats)
+    ref = torch.stack([torch.cdist(*(torch.linalg.solve_triangular(torch.linalg.cholesky(s.class_cov.double()), v.double().T,
+                                                                   upper=False).T for v in (feats, s.class_means))).pow(2)
+                       .min(1).values for s in stats], 1) + det.logdets[None]
+    torch.testing.assert_close(ts.double(), ref, rtol=1e-4, atol=1e-3)
+    assert torch.equal(ts.argmin(1), ref.argmin(1))
+    # nearest-stats: float32 batched scores pick the same experts as the float64 formula
+    ns = NearestStatsRouter(dict(zip(synth, stats)))
+    x = feats.double()
+    ref_ns = torch.stack([-0.5 * (((x - s.mean.double()) @ torch.linalg.inv(s.cov.double())) * (x - s.mean.double())).sum(1)
+                          - 0.5 * torch.linalg.slogdet(s.cov.double())[1] - 0.5 * DIM * math.log(2 * math.pi)
+                          for s in stats], 1)
+    torch.testing.assert_close(ns.scores(feats).double(), ref_ns, rtol=1e-4, atol=1e-2)
+    assert torch.equal(ns.route(feats, 2).indices, ref_ns.topk(2, 1).indices)
+    # the learned router routes with the same batched scores
+    r = SparseRouter.from_stats(dict(zip(synth, stats)), RouterConfig(cold_steps=20, pool=512))
+    routed = r.route(feats, 2)
+    assert torch.equal(routed.fallback, old > 0)
+    assert torch.equal(routed.indices, r.scores(feats).topk(2, 1).indices)
+
+
+def test_stats_are_float32_and_old_float64_files_still_load(synth, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from clipzoo.router.stats import STATS_FILE
+
+    s = next(iter(synth.values()))[0]
+    s.save(tmp_path)
+    saved = load_file(str(tmp_path / STATS_FILE))
+    assert all(v.dtype == torch.float32 for k, v in saved.items() if k != "ood_quantiles")
+    old = tmp_path / "old"
+    old.mkdir()
+    save_file({k: v.double().contiguous() for k, v in saved.items()}, str(old / STATS_FILE))   # as before
+    back = TaskStats.load(old)
+    assert back.class_cov.dtype == torch.float32
+    for f in ("mean", "cov", "class_means", "class_counts", "class_cov"):
+        torch.testing.assert_close(getattr(back, f), getattr(s, f))
+    det_old, det_new = detector_from_stats([back]), detector_from_stats([TaskStats.load(tmp_path)])
+    x = next(iter(synth.values()))[1]
+    assert torch.equal(det_old.score(x) > 0, det_new.score(x) > 0)
+
+
 def test_balance_loss_is_one_when_balanced_and_e_when_collapsed():
     balanced = torch.eye(4) * 50
     collapsed = torch.zeros(4, 4)
@@ -282,3 +361,21 @@ def test_cli_router_shows_and_switches_the_policy(learned_zoo, tmp_path):
     bad = CliRunner().invoke(main, ["router", "--zoo", str(z.root), "--ood-quantile", "1.5"])
     assert bad.exit_code != 0 and "quantile must be in (0, 1)" in bad.output
     assert Zoo.open(z.root).registry["router"]["version"] == 4 and snapshot(z.root / "experts") == before
+
+
+def test_the_previous_router_version_is_pruned_once_no_reader_holds_it(learned_zoo, tmp_path):
+    import gc
+
+    z = _copy(learned_zoo, tmp_path)
+    z.refresh_router()
+    current = lambda: sorted(f"router/{p.name}" for p in (z.root / "router").iterdir())  # noqa: E731
+    assert current() == sorted(z.registry["router"]["files"])     # the previous version went at the commit
+    other = Zoo.open(z.root)                                        # another reader of this process
+    old = set(z.registry["router"]["files"])
+    z.refresh_router()
+    assert old <= set(current())                                    # kept while it may read it
+    assert other.router().names == z.router().names
+    del other
+    gc.collect()
+    z.refresh_router()
+    assert current() == sorted(z.registry["router"]["files"])

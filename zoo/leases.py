@@ -116,6 +116,7 @@ def clean_stale(root: Path) -> list[str]:
 
 # ----- reader leases ------------------------------------------------------------------------------------
 _LEASES: dict[str, list] = {}  # resolved zoo root -> [fd, path, holders]
+_OWNERS: dict[str, weakref.WeakSet] = {}  # resolved zoo root -> the live stores of this process holding its lease
 
 
 def take_lease(root: Path, owner: object) -> None:
@@ -131,7 +132,20 @@ def take_lease(root: Path, owner: object) -> None:
         except OSError:
             return
     entry[2] += 1
+    _OWNERS.setdefault(key, weakref.WeakSet()).add(owner)
     weakref.finalize(owner, _drop_lease, key)
+
+
+def local_readers(root: Path, besides: object = None) -> int:
+    """Live stores of this process (other than ``besides``) reading ``root`` under its lease."""
+    return sum(1 for o in _OWNERS.get(str(Path(root).resolve()), ()) if o is not besides)
+
+
+def previous_to_keep(root: Path, previous: set[str], writer: object) -> set[str]:
+    """The previous router version's files while another store of this process may still read
+    them (other processes are covered by their leases); nothing once only ``writer`` reads the
+    zoo, so a successful commit prunes the previous version."""
+    return set(previous) if local_readers(root, besides=writer) else set()
 
 
 def _drop_lease(key: str) -> None:
@@ -158,7 +172,8 @@ def other_readers(root: Path) -> list[str]:
 # ----- garbage --------------------------------------------------------------------------------------------
 def garbage(root: Path, reg: dict, keep: set[str] | frozenset = frozenset()) -> list[Path]:
     """Files and folders the registry ``reg`` does not name (nor ``keep``, zoo-relative router
-    files: the previous version, for stores of this process): experts' folders, router files, trash."""
+    files: the previous version while other stores of this process read it, see
+    :func:`previous_to_keep`): experts' folders, router files, trash."""
     out = [p for p in sorted((root / EXPERTS_DIR).iterdir()) if p.name not in reg["experts"]] \
         if (root / EXPERTS_DIR).is_dir() and not (root / EXPERTS_DIR).is_symlink() else []
     keep = set(keep) | set(reg.get("router", {}).get("files", {}))

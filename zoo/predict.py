@@ -4,7 +4,9 @@ to zero-shot CLIP for inputs of no known task, or combine the routed top-k (aver
 :class:`Predictor` is the part of :class:`clipzoo.zoo.zoo.Zoo` that answers; it only reads the
 :class:`clipzoo.zoo.store.Store`. The zoo-wide fusion layer (:class:`clipzoo.router.fusion.GlobalFusion`)
 is a deterministic function of the experts' files, ``k`` and its settings, so it is cached under
-the cache root (never inside the zoo) by :func:`load_or_train_global`.
+the cache root (never inside the zoo) by :func:`load_or_train_global`. The cache root also records
+the ``k`` fusion mode was used with on each zoo, and ``add_task`` trains those ahead, so a
+``predict --mode fusion`` after an add finds its fusion ready.
 """
 
 from __future__ import annotations
@@ -213,7 +215,29 @@ class Predictor:
                 lambda: train_global_fusion({i: self.expert(n) for i, n in enumerate(names)}, names,
                                             [self.stats(n) for n in names], lambda x: self.route(x, k),
                                             dim, settings))
+            self._remember_fusion(k)
         return self._fusions[key]
+
+    def _fusion_uses_file(self) -> Path:
+        """Where the cache root records which ``k`` fusion mode was used with on this zoo."""
+        return cache_root() / "fusion" / "zoos" / f"{hashlib.sha256(str(self.root.resolve()).encode()).hexdigest()[:32]}.json"
+
+    def fusion_ks(self) -> list[int]:
+        """The top-k values fusion mode was used with on this zoo (``add_task`` trains those ahead)."""
+        try:
+            ks = json.loads(self._fusion_uses_file().read_text())
+            return sorted({int(k) for k in ks if int(k) >= 2})
+        except (OSError, ValueError, TypeError):
+            return []
+
+    def _remember_fusion(self, k: int) -> None:
+        if k < 2 or k in self.fusion_ks():
+            return
+        try:
+            self._fusion_uses_file().parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(self._fusion_uses_file(), json.dumps(sorted({*self.fusion_ks(), k})).encode())
+        except OSError:  # an unwritable cache: fusion is then trained when first needed, as before
+            pass
 
     def predict_fused(self, feats: torch.Tensor, top_k: int = 2, pixels: PixelFn | None = None,
                       mode: str = "fusion", fallback: bool = True, classes: Sequence[str] | None = None) -> list[dict]:

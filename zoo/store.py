@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import time
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -244,7 +245,7 @@ class Store:
                     f"be written ({getattr(e2, 'strerror', None) or e2}); free some space and run 'clipzoo repair --zoo {self.root} "
                     "--yes'") from e2
         self.registry = reg
-        leases.collect(self.root, reg, keep=set(router.get("files", {})))  # the previous version stays
+        leases.collect(self.root, reg, keep=leases.previous_to_keep(self.root, set(router.get("files", {})), self))
 
     def _try_commit(self, reg: dict, stage: Callable[[], list[Path]], undo: Callable[[], None]) -> None:
         written: list[Path] = []
@@ -259,8 +260,10 @@ class Store:
             undo()
             raise
 
-    def commit_expert(self, name: str, staging: Path, record: dict) -> None:
-        """Under the lock: re-read the registry, move the staged folder in, write the registry."""
+    def commit_expert(self, name: str, staging: Path, record: dict, t0: float | None = None) -> None:
+        """Under the lock: re-read the registry, move the staged folder in, update the router, write
+        the registry. With ``t0`` (when the add began, ``time.perf_counter()``), the record's
+        ``metrics`` get ``router_seconds`` and ``add_seconds`` up to the registry write."""
         with registry.lock(self.root):
             leases.clean_stale(self.root)
             reg = registry.read(self.root)
@@ -274,8 +277,16 @@ class Store:
             os.rename(staging, target)
             paths.fsync_path(target.parent)
             reg["experts"][name] = record
-            self._commit(reg, lambda: stage_router(self.root, reg, self._stats_reader(reg), add=name),
-                         undo=lambda: os.rename(target, staging))
+
+            def stage() -> list[Path]:
+                t_router = time.perf_counter()
+                written = stage_router(self.root, reg, self._stats_reader(reg), add=name)
+                if t0 is not None:
+                    now = time.perf_counter()
+                    record["metrics"].update(router_seconds=round(now - t_router, 3), add_seconds=round(now - t0, 3))
+                return written
+
+            self._commit(reg, stage, undo=lambda: os.rename(target, staging))
 
     def remove(self, name: str, cascade: bool = False) -> list[str]:
         """Drop an expert, and with ``cascade=True`` the composed experts that use it (else they

@@ -57,29 +57,46 @@ def serve(zoo_dir: str, host: str, port: int, max_batch: int, max_wait_ms: float
               help="Where to write the JSON (machine, settings, figures).")
 @click.option("--clients", default="1,8,32", show_default=True, help="Concurrent client counts to measure.")
 @click.option("--requests", "n_requests", default=64, show_default=True, type=int, callback=at_least_one,
-              help="Requests per client count (each one image).")
-@click.option("--experts", default="1,8,64", show_default=True, help="Zoo sizes for the experts sweep.")
+              help="Requests per row.")
+@click.option("--images-per-request", "per_request", default=1, show_default=True, type=int, callback=at_least_one,
+              help="Images in each request (more than one: multipart).")
+@click.option("--experts", default="1,8,64", show_default=True, help="Zoo sizes for the experts sweep ('none': skip).")
+@click.option("--in-encoder", default="1,4,8", show_default=True,
+              help="Counts of in-encoder experts routed in one batch ('none': skip).")
+@click.option("--in-encoder-kind", default="vit-adapter", show_default=True,
+              help="Their kind (an expert that works inside the image encoder: vit-adapter, lora, vl-adapter).")
+@click.option("--per-class", default=32, show_default=True, type=int, callback=at_least_one,
+              help="Train and test images per class of the two built-in tasks.")
+@click.option("--reload/--no-reload", default=True, show_default=True, help="Measure a hot reload under load.")
 @click.option("--backbone", default=None, help="Another open_clip architecture, e.g. ViT-B-32 (random weights, "
-              "saved to a local file; no download).")
+              "saved to a local safetensors file; no download).")
 @json_option
-def bench_serve(out: str, clients: str, n_requests: int, experts: str, backbone: str | None, as_json: bool) -> None:
-    """Measure the server on loopback: throughput against the bare backbone, latency, a hot reload
-    under load, 1/8/64 experts, and time to first answer against the backbone's load time.
+def bench_serve(out: str, clients: str, n_requests: int, per_request: int, experts: str, in_encoder: str,
+                in_encoder_kind: str, per_class: int, reload: bool, backbone: str | None, as_json: bool) -> None:
+    """Measure the server on loopback: throughput against the bare backbone, latency, in-encoder
+    experts sharing a batch, a hot reload under load, 1/8/64 experts, and time to first answer
+    against open_clip's own model load.
 
     \b
     Example: clipzoo bench-serve --out bench-serve.json
+             clipzoo bench-serve --backbone ViT-B-32 --clients 1,8 --requests 16 --images-per-request 2 \\
+                 --per-class 3 --experts none --in-encoder none --no-reload
     """
     _need_serve_extra()
     from clipzoo.serve.bench import run_bench, summary
 
-    def ints(s: str, what: str) -> list[int]:
+    def ints(s: str, what: str, allow_none: bool = False) -> list[int]:
+        if allow_none and s.strip().lower() in ("none", "0", ""):
+            return []
         try:
             vals = [int(x) for x in s.split(",") if x.strip()]
         except ValueError:
             vals = []
         if not vals or min(vals) < 1:
-            raise ConfigError(f"bad {what} {s!r}: give comma-separated positive integers, e.g. 1,8,32")
+            raise ConfigError(f"bad {what} {s!r}: give comma-separated positive integers, e.g. 1,8,32"
+                              + (" (or 'none')" if allow_none else ""))
         return vals
 
-    res = run_bench(out, ints(clients, "--clients"), n_requests, ints(experts, "--experts"), backbone)
+    res = run_bench(out, ints(clients, "--clients"), n_requests, ints(experts, "--experts", True), backbone,
+                    ints(in_encoder, "--in-encoder", True), in_encoder_kind, per_request, per_class, reload)
     emit(res, as_json, summary(res))
