@@ -232,7 +232,7 @@ class SparseRouter:
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
             self.gate.train()
             losses = torch.zeros(steps)
-            done, stop_at = 0, steps
+            done, stop_at, lr_end = 0, steps, c.lr
             while done < stop_at:
                 idx = torch.randint(len(x), (min(c.batch_size, len(x)),), generator=gen)
                 logits = self.gate(x[idx]) + prior[idx]
