@@ -82,7 +82,7 @@ def test_remove_imports_no_torch(zoo_and_images, tmp_path):
 def test_light_verify_agrees_with_the_full_one(zoo_and_images, tmp_path):
     import shutil
 
-    from clipzoo.cli.zoo import CONFIG_KEYS, STATS_FIELDS, light_verify
+    from clipzoo.zoo.quick_verify import CONFIG_KEYS, STATS_FIELDS, light_verify
     from clipzoo.router.stats import TaskStats
     from clipzoo.zoo.experts import base
     from clipzoo.zoo.zoo import Zoo
@@ -96,7 +96,7 @@ def test_light_verify_agrees_with_the_full_one(zoo_and_images, tmp_path):
     data[len(data) // 2] ^= 1
     w.write_bytes(bytes(data))
     assert light_verify(zoo) is None  # the full check then names the problem
-    from clipzoo.cli.zoo import _tensor_names
+    from clipzoo.zoo.quick_verify import _tensor_names
 
     stats = zoo / "experts" / "shapes" / "stats.safetensors"
     assert _tensor_names(stats) == set(STATS_FIELDS)
