@@ -27,7 +27,6 @@ from clipzoo.router.gate import Routing
 from clipzoo.runtime import cache_root
 from clipzoo.tasks.data import check_image, load_task
 from clipzoo.tasks.spec import DEFAULT_TEMPLATES, ImageSource, TaskData
-from clipzoo.zoo.cache import backbone_features
 from clipzoo.zoo.registry import atomic_write_bytes
 
 PixelFn = Callable[[list[int]], torch.Tensor]
@@ -96,7 +95,7 @@ class Predictor:
         good = [i for i in range(len(images)) if i not in errors]
         if good:  # the decoder can still find a truncated file: recorded in errors, skipped
             found: dict[int, str] = {}
-            feats = backbone_features(self.backbone, [images[i] for i in good], "encode", errors=found)
+            feats = self.features([images[i] for i in good], "encode", errors=found)
             errors.update({good[j]: msg for j, msg in found.items()})
             good = [i for j, i in enumerate(good) if j not in found]
         answers: dict[int, dict] = {}

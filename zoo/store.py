@@ -115,9 +115,11 @@ class Store:
             self._backbone = bb
         return self._backbone
 
-    def features(self, images: Sequence[ImageSource], desc: str = "encode") -> torch.Tensor:
-        """Frozen image embeddings, each image encoded once per backbone (feature cache)."""
-        return backbone_features(self.backbone, images, desc)
+    def features(self, images: Sequence[ImageSource], desc: str = "encode",
+                 errors: dict[int, str] | None = None) -> torch.Tensor:
+        """Frozen image embeddings, each image encoded once per backbone (feature cache); with
+        ``errors``, unreadable images are recorded there and skipped (see ``encode_cached``)."""
+        return backbone_features(self.backbone, images, desc, errors=errors)
 
     def pixels(self, images: Sequence[ImageSource]) -> torch.Tensor:
         """Preprocessed pixels ``(N, 3, H, W)`` for experts that work inside the encoder."""

@@ -13,8 +13,6 @@ import click
 
 from clipzoo.errors import ClipzooError, ConfigError, DataError, RegistryError
 
-REGISTRY_FILE = "registry.json"  # the same name as clipzoo.zoo.registry.REGISTRY (not imported: it loads torch)
-
 
 class OneLineErrors(click.Group):
     """Turns any ClipzooError into one line on stderr and exit status 1."""
@@ -55,14 +53,18 @@ def _opt(param: click.Parameter) -> str:
 
 
 def _zoo_exists(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
-    if value is not None and not (Path(value) / REGISTRY_FILE).is_file():
-        raise RegistryError(f"no zoo at {value}: {REGISTRY_FILE} missing "
+    from clipzoo.zoo.registry import REGISTRY
+
+    if value is not None and not (Path(value) / REGISTRY).is_file():
+        raise RegistryError(f"no zoo at {value}: {REGISTRY} missing "
                             f"(create one with 'clipzoo init --zoo {value}')")
     return value
 
 
 def _zoo_new(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
-    if value is not None and (Path(value) / REGISTRY_FILE).exists():
+    from clipzoo.zoo.registry import REGISTRY
+
+    if value is not None and (Path(value) / REGISTRY).exists():
         raise RegistryError(f"a zoo already exists at {value}: open it, or choose another --zoo")
     return value
 
