@@ -28,6 +28,10 @@ class Routing:
     weights: torch.Tensor
     scores: torch.Tensor
     ood_score: torch.Tensor | None = None
+    # per task name, log p(class | x, task) ``(B, C_t)`` when the router models classes (ranpac),
+    # added with ``answer_weight`` to the expert's log-probabilities
+    class_logp: dict[str, torch.Tensor] | None = None
+    answer_weight: float = 0.0
 
     @property
     def fallback(self) -> torch.Tensor:

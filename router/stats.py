@@ -3,7 +3,9 @@
 For each task: the task mean and a Ledoit-Wolf shrunk covariance of its training features,
 plus per-class means and counts and the pooled within-class shrunk covariance (what a router
 needs to sample pseudo-features of old tasks later), and the quantiles of held-out
-in-distribution OOD scores that calibrate the fallback (:mod:`clipzoo.router.ood`). Stored as
+in-distribution OOD scores that calibrate the fallback (:mod:`clipzoo.router.ood`), and the class
+means and scatter factor in the random-feature space the default router scores in
+(:mod:`clipzoo.router.ranpac`). Stored as
 ``stats.safetensors``, float32 (the quantiles float64); computed in float64.
 """
 
@@ -16,6 +18,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from clipzoo.router.ood import class_gaussians, heldout_quantiles
+from clipzoo.router.random_features import class_head, projection, random_features, scatter_factor
 from clipzoo.router.shrinkage import ledoit_wolf
 
 STATS_FILE = "stats.safetensors"
@@ -36,16 +39,23 @@ class TaskStats:
     class_counts: torch.Tensor  # (C,)
     class_cov: torch.Tensor     # (D, D) pooled within-class shrunk covariance
     ood_quantiles: torch.Tensor  # (101,) quantiles of held-out in-distribution OOD scores
+    # in the random-feature space of clipzoo.router.random_features (None in files of older versions)
+    rp_means: torch.Tensor | None = None   # (C, M) class means
+    rp_factor: torch.Tensor | None = None  # (M, r) factor of the within-class scatter
+    rp_rest: torch.Tensor | None = None    # () its isotropic remainder
+    rp_head_w: torch.Tensor | None = None  # (C, M) the task's own class head (class_head), fixed at add
+    rp_head_b: torch.Tensor | None = None  # (C,)
 
     def __post_init__(self) -> None:
         """Means, counts and covariances in float32 (what is stored; files written in float64 by
         older versions load the same way), the OOD quantiles in float64."""
         for f in fields(self):
             v = getattr(self, f.name)
-            setattr(self, f.name, v.double() if f.name == "ood_quantiles" else v.float())
+            if v is not None:
+                setattr(self, f.name, v.double() if f.name == "ood_quantiles" else v.float())
 
     def save(self, folder: Path) -> str:
-        save_file({k: v.contiguous() for k, v in self.__dict__.items()}, str(folder / STATS_FILE))
+        save_file({k: v.contiguous() for k, v in self.__dict__.items() if v is not None}, str(folder / STATS_FILE))
         return STATS_FILE
 
     @classmethod
@@ -68,11 +78,11 @@ class TaskStats:
             why = " ".join(str(e).split())[:160]
             raise IntegrityError(f"expert {folder.name!r}: {STATS_FILE} is not a valid safetensors file ({why}); "
                                  f"{fix}") from e
-        missing = sorted({f.name for f in fields(cls)} - set(tensors))
+        missing = sorted({f.name for f in fields(cls) if not f.name.startswith("rp_")} - set(tensors))
         if missing:
             raise RegistryError(f"{folder / STATS_FILE} lacks {', '.join(missing)} (written by an older clipzoo): "
                                 "remove the task and add it again")
-        return cls(**{f.name: tensors[f.name] for f in fields(cls)})
+        return cls(**{f.name: tensors.get(f.name) for f in fields(cls)})
 
 
 def _shrunk_cov(x: np.ndarray) -> np.ndarray:
@@ -85,6 +95,8 @@ def compute_stats(feats: torch.Tensor, labels: torch.Tensor, num_classes: int) -
     x = feats.double().numpy()
     y = labels.numpy()
     means, class_cov = class_gaussians(x, y, num_classes)
+    rp_means, rp_factor, rp_rest = scatter_factor(random_features(feats, projection(feats.shape[1])), labels, num_classes)
+    head_w, head_b = class_head(rp_means, rp_factor, rp_rest, float(len(labels)))
     return TaskStats(
         mean=torch.from_numpy(x.mean(0)),
         cov=torch.from_numpy(_shrunk_cov(x)),
@@ -92,4 +104,5 @@ def compute_stats(feats: torch.Tensor, labels: torch.Tensor, num_classes: int) -
         class_counts=torch.from_numpy(np.bincount(y, minlength=num_classes).astype(np.float64)),
         class_cov=torch.from_numpy(class_cov),
         ood_quantiles=heldout_quantiles(feats, labels, num_classes),
+        rp_means=rp_means, rp_factor=rp_factor, rp_rest=rp_rest, rp_head_w=head_w, rp_head_b=head_b,
     )

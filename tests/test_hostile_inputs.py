@@ -177,7 +177,7 @@ def test_missing_data_fails_fast_without_torch(tmp_path):
     (["bench", "--epochs", "0", "builtin:shapes"], "bad --epochs 0"),
     (["bench", "{tmp}/missing", "{tmp}/missing2"], "data directory not found"),
     (["bench-kinds", "--lr", "nan", "builtin:shapes"], "bad --lr nan"),
-    (["bench-router", "builtin:shapes", "--holdout", "{tmp}/missing"], "data directory not found"),
+    (["bench-router", "builtin:shapes", "{tmp}/missing", "--lodo"], "data directory not found"),
     (["bench-fusion", "{tmp}/a", "{tmp}/b", "--new", "{tmp}/c"], "data directory not found"),
 ])
 def test_bad_arguments_are_one_line_before_any_model(tmp_path, args, words):

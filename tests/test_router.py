@@ -330,17 +330,26 @@ def test_cli_predict_json_has_fallback_and_routing(learned_zoo, builtin_tasks, t
     assert p["label"] in ({"red", "blue"} if p["fallback"] else set(builtin_tasks["colours"].classes))
 
 
-def test_bench_router_sequence_and_scale(builtin_tasks, tmp_path):
-    from clipzoo.cli import main
+def test_bench_router_sequence_lodo_and_scale(builtin_tasks, tmp_path):
+    from clipzoo.bench.router import lodo_bench
 
-    res = sequence_bench([builtin_tasks["shapes"], builtin_tasks["colours"]], builtin_tasks["textures"],
-                         RouterBenchSettings(epochs=1), tmp_path / "zoo")
+    tasks = [builtin_tasks["shapes"], builtin_tasks["colours"]]
+    res = sequence_bench(tasks, RouterBenchSettings(epochs=1), tmp_path / "zoo", seed=0)
     last = res["per_step"][-1]
-    assert {"learned", "nearest-stats", "learned-cold"} <= set(last) and last["experts"] == 2
-    assert 0 <= last["learned"]["task_agnostic_acc"] <= last["learned"]["routing_acc"] <= 1
-    assert last["learned"]["delta_routing_acc"] is not None
-    assert res["per_step"][0]["learned"]["delta_routing_acc"] is None
-    assert 0 <= res["holdout"]["auroc"]["calibrated_class_loglik"] <= 1
+    assert set(last["test"]) >= {"ranpac", "learned", "nearest-stats"} and last["experts"] == 2
+    for split in ("test", "val"):
+        m = last[split]["ranpac"]
+        # an answer counts only when routed to its own task: never above routing accuracy
+        assert m["answer_acc"] <= m["routing_acc"] and m["expert_acc"] <= m["routing_acc"]
+    assert len(res["grid"]) == 36 and res["chosen_on_validation"] in [
+        {k: g[k] for k in ("shrinkage", "answer_weight", "head_shrinkage")}
+        for g in res["grid"] if g["val"] == max(x["val"] for x in res["grid"])]
+    # answer_weight 0 is the expert alone: the grid's cell equals the routed expert's accuracy
+    zero = [g for g in res["grid"] if g["answer_weight"] == 0.0 and g["shrinkage"] == 0.01][0]
+    assert zero["test"] == last["test"]["ranpac"]["expert_acc"]
+    lo = lodo_bench(tasks + [builtin_tasks["textures"]], RouterBenchSettings(), Zoo.create(tmp_path / "z2"))
+    assert set(lo["per_heldout_domain"]) == {"shapes", "colours", "textures"}
+    assert lo["worst"]["auroc"] <= lo["mean"]["auroc"]
     out = CliRunner().invoke(main, ["bench-router", "--scale", "3", "--json"])
     assert out.exit_code == 0, out.output
     rows = json.loads(out.output)["scale"]["per_added_task"]

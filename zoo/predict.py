@@ -121,17 +121,19 @@ class Predictor:
 
         Routed inputs that belong to no known task (calibrated OOD score > 0) are answered by
         zero-shot CLIP over ``classes`` (default: every expert's classes) with ``task`` None and
-        ``fallback`` True, unless ``fallback=False``. Each answer has task, label, score, routing
+        ``fallback`` True, unless ``fallback=False``. A router that models classes (ranpac) adds its
+        class posterior within the task to the expert's log-probabilities, routed or not
+        (:mod:`clipzoo.router.ranpac`). Each answer has task, label, score, routing
         (top-k weights), fallback, and ``ood_score`` when routed."""
         if mode != "top1" and task is None:
             return self.predict_fused(feats, top_k, pixels, mode, fallback, classes)
+        r = self.route(feats, top_k)
         if task is not None:
             self.record(task)
             chosen = [task] * len(feats)
             routing = [{task: 1.0}] * len(feats)
             fell, ood = [False] * len(feats), None
         else:
-            r = self.route(feats, top_k)
             chosen = [r.names[int(i)] for i in r.indices[:, 0]]
             routing = r.as_dicts()
             fell, ood = (r.fallback.tolist() if fallback else [False] * len(feats)), r.ood_score
@@ -143,8 +145,10 @@ class Predictor:
                 raise ConfigError(f"expert {name!r} ({exp.kind}) needs images, not only cached features")
             args = (feats[idx], pixels(idx)) if exp.needs_pixels else (feats[idx],)
             with torch.no_grad():
-                probs = exp(*args).softmax(1)
-            score, label = probs.max(1)
+                logp = exp(*args).log_softmax(1)
+            if r.class_logp is not None and name in r.class_logp and r.answer_weight:
+                logp = (logp + r.answer_weight * r.class_logp[name][idx]).log_softmax(1)
+            score, label = logp.exp().max(1)
             for j, i in enumerate(idx):
                 out[i] = {"task": name, "label": exp.classes[int(label[j])], "score": round(float(score[j]), 6),
                           "routing": routing[i], "fallback": False}

@@ -4,7 +4,7 @@ Layout of a zoo directory::
 
     registry.json            schema_version, backbone, experts (name -> record), router
     experts/<name>/          config.json, weights.safetensors, stats.safetensors, README.md
-    router/router-v<N>.*     the learned router's current version (older ones until no reader needs them)
+    router/router-v<N>.*     the ranpac (or learned) router's current version (older ones until no reader needs them)
     .lock                    the write lock (filelock)
     .readers/, .staging-*, .trash/   reader leases, writers' staging, garbage (clipzoo.zoo.leases)
 

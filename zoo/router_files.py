@@ -1,7 +1,7 @@
 """The zoo's router on disk: build it from the registry's ``router`` entry, and stage new versions.
 
-``registry["router"]`` holds the kind (``learned`` or ``nearest-stats``), a version bumped by every
-add, remove or refresh, the OOD quantile, and for a learned router its files
+``registry["router"]`` holds the kind (``ranpac``, the default; ``learned`` or ``nearest-stats``), a
+version bumped by every add, remove or refresh, the OOD quantile, and for a ranpac or learned router its files
 ``router/router-v<version>.{json,safetensors}`` with their sha256. A new version is written under
 a new name, fsynced, before the registry points at it, so a crash leaves the old version in force;
 old versions are garbage deleted by :func:`clipzoo.zoo.leases.collect` once no reader holds them.
@@ -19,13 +19,16 @@ from clipzoo.router.gate import NearestStatsRouter
 from clipzoo.router.learned import KIND as LEARNED
 from clipzoo.router.learned import RouterConfig, SparseRouter
 from clipzoo.router.ood import DEFAULT_QUANTILE
+from clipzoo.router.ranpac import KIND as RANPAC
+from clipzoo.router.ranpac import RanpacConfig, RanpacRouter
 from clipzoo.router.stats import TaskStats
 from clipzoo.zoo import registry
 from clipzoo.zoo.paths import contained, fsync_tree
 
 ROUTER_DIR = "router"
-KINDS = (NearestStatsRouter.name, LEARNED)
-Router = NearestStatsRouter | SparseRouter
+KINDS = (RANPAC, LEARNED, NearestStatsRouter.name)
+FILED = (RANPAC, LEARNED)  # kinds kept in versioned files
+Router = NearestStatsRouter | SparseRouter | RanpacRouter
 
 
 def load_router(root: Path, spec: dict, names: list[str], stats: Callable[[str], TaskStats]) -> Router:
@@ -34,50 +37,62 @@ def load_router(root: Path, spec: dict, names: list[str], stats: Callable[[str],
     kind, q = spec.get("kind", NearestStatsRouter.name), float(spec.get("ood_quantile", DEFAULT_QUANTILE))
     if kind == NearestStatsRouter.name:
         return NearestStatsRouter({n: stats(n) for n in names}, q)
-    if kind != LEARNED:
-        raise RegistryError(f"unknown router kind {kind!r} in registry.json: use {NearestStatsRouter.name!r} "
-                            f"or {LEARNED!r} (clipzoo router --zoo {root} --kind KIND)")
+    if kind not in FILED:
+        raise RegistryError(f"unknown router kind {kind!r} in registry.json: use one of {', '.join(KINDS)} "
+                            f"(clipzoo router --zoo {root} --kind KIND)")
     files = sorted(spec.get("files", {}))
     if not files:
-        return SparseRouter.from_stats({n: stats(n) for n in names}, ood_quantile=q)
-    r = SparseRouter.load(contained(root, files[1]), contained(root, files[0]), q)   # sorted: .json, .safetensors
+        build = RanpacRouter if kind == RANPAC else SparseRouter
+        return build.from_stats({n: stats(n) for n in names}, ood_quantile=q)
+    weights, meta = contained(root, files[1]), contained(root, files[0])   # sorted: .json, .safetensors
+    r = (RanpacRouter.load(weights, meta, {n: stats(n) for n in names}, q) if kind == RANPAC
+         else SparseRouter.load(weights, meta, q))
     if set(r.names) != set(names):
         raise RegistryError(f"the router file {files[1]} covers {r.names}, not the experts {names}: "
                             f"run 'clipzoo router --zoo {root} --rebuild'")
     return r
 
 
-def saved_config(root: Path, spec: dict) -> RouterConfig | None:
-    """The learned gate's settings saved in the router file ``spec`` lists, if any."""
+def saved_config(root: Path, spec: dict) -> RouterConfig | RanpacConfig | None:
+    """The settings saved in the router file ``spec`` lists, if any (of the kind that wrote it)."""
     meta = [contained(root, f) for f in spec.get("files", {}) if f.endswith(".json")]
     if not meta or not meta[0].is_file():
         return None
-    return RouterConfig.from_dict(json.loads(meta[0].read_text())["config"])
+    saved = json.loads(meta[0].read_text())
+    return (RanpacConfig if saved.get("kind") == RANPAC else RouterConfig).from_dict(saved["config"])
 
 
 def stage_router(root: Path, reg: dict, stats: Callable[[str], TaskStats], add: str | None = None,
                  drop: str | list[str] | None = None, rebuild: bool = False,
-                 config: RouterConfig | None = None) -> list[Path]:
-    """Bump ``reg["router"]``'s version; for a learned router write its next version (``add`` a
+                 config: RouterConfig | RanpacConfig | None = None,
+                 dropped_stats: dict[str, TaskStats] | None = None) -> list[Path]:
+    """Bump ``reg["router"]``'s version; for a filed router write its next version (``add`` a
     slot, ``drop`` one or several, or ``rebuild`` from all stats) under a new name, fsynced, and
-    list it in ``reg``. Returns the files written (nothing points at them until ``reg`` is written)."""
+    list it in ``reg``. Returns the files written (nothing points at them until ``reg`` is written).
+    A ranpac router subtracts a dropped task's scatter given in ``dropped_stats``; without it it
+    is rebuilt from the remaining tasks."""
     drops = [drop] if isinstance(drop, str) else list(drop or [])
     old = reg.get("router", {})
     version = int(old.get("version", 0)) + 1
     spec = {**old, "kind": old.get("kind", NearestStatsRouter.name), "version": version, "files": {}}
     names = list(reg["experts"])
-    if spec["kind"] != LEARNED or not names:
+    if spec["kind"] not in FILED or not names:
         reg["router"] = spec
         return []
     before = [n for n in names if n != add] + drops
     q = float(spec.get("ood_quantile", DEFAULT_QUANTILE))
-    if rebuild or not before or not old.get("files"):
-        cfg = config or saved_config(root, old) or RouterConfig()
-        r = SparseRouter.from_stats({n: stats(n) for n in names}, cfg, q)
+    ranpac = spec["kind"] == RANPAC
+    saved = saved_config(root, old) if old.get("kind") == spec["kind"] else None
+    gone = dropped_stats if ranpac and drops and set(drops) <= set(dropped_stats or {}) else None
+    if rebuild or not before or not old.get("files") or (ranpac and drops and gone is None):
+        if ranpac:
+            r = RanpacRouter.from_stats({n: stats(n) for n in names}, config or saved or RanpacConfig(), q)
+        else:
+            r = SparseRouter.from_stats({n: stats(n) for n in names}, config or saved or RouterConfig(), q)
     else:
-        r = load_router(root, old, before, stats)
+        r = load_router(root, old, before, lambda n: gone[n] if gone and n in gone else stats(n))
         for d in drops:
-            r.remove(d)
+            r.remove(d, gone[d]) if ranpac else r.remove(d)
         if add:
             r.add(add, stats(add))
     stem = f"router-v{version}"

@@ -25,6 +25,7 @@ from safetensors import SafetensorError
 from clipzoo import __version__
 from clipzoo.errors import BackboneError, ClipzooError, ConfigError, IntegrityError, RegistryError
 from clipzoo.router.learned import RouterConfig
+from clipzoo.router.ranpac import RanpacConfig
 from clipzoo.router.ood import check_quantile
 from clipzoo.router.stats import STATS_FILE, TaskStats
 from clipzoo.tasks.spec import ImageSource
@@ -33,7 +34,7 @@ from clipzoo.zoo.backbone import Backbone, BackboneSpec, load_backbone
 from clipzoo.zoo.cache import backbone_features
 from clipzoo.zoo.experts import Expert, Sources, load_expert
 from clipzoo.zoo.experts.base import read_config, read_weights
-from clipzoo.zoo.router_files import KINDS, LEARNED, Router, load_router, stage_router
+from clipzoo.zoo.router_files import KINDS, RANPAC, Router, load_router, stage_router
 
 FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))  # "no space left" errors
 
@@ -83,7 +84,7 @@ class Store:
             "clipzoo_version": __version__,
             "backbone": {**backbone.to_dict(), "fingerprint": bb.fingerprint, "params": bb.num_params,
                          "embed_dim": bb.embed_dim},
-            "router": {"kind": LEARNED, "version": 0, "files": {}},
+            "router": {"kind": RANPAC, "version": 0, "files": {}},
             "experts": {},
         }
         registry.write(root, reg)
@@ -189,8 +190,8 @@ class Store:
 
     # ----- the router -------------------------------------------------------------------------
     def router(self) -> Router:
-        """The zoo's router, ``registry["router"]["kind"]``: ``learned`` (the gate in its versioned
-        file, loaded once per version) or ``nearest-stats`` (built from every task's stats)."""
+        """The zoo's router, ``registry["router"]["kind"]``: ``ranpac`` or ``learned`` (in versioned
+        files, loaded once per version) or ``nearest-stats`` (built from every task's stats)."""
         spec = self.registry.get("router", {})
         key = json.dumps(spec, sort_keys=True)
         if self._router is None or self._router[0] != key:  # every add/remove/refresh bumps the version
@@ -202,13 +203,23 @@ class Store:
         registry in use; a commit passes the one it is about to write)."""
         return lambda n: self._load_stats(n, (reg or self.registry)["experts"][n])
 
+    def _readable_stats(self, reg: dict, names: list[str]) -> dict[str, TaskStats]:
+        """The stats of ``names`` that can be read (a damaged one is left out)."""
+        out = {}
+        for n in names:
+            try:
+                out[n] = self._load_stats(n, reg["experts"][n])
+            except ClipzooError:
+                pass
+        return out
+
     def refresh_router(self, kind: str | None = None, ood_quantile: float | None = None,
-                       config: RouterConfig | None = None) -> dict:
+                       config: RouterConfig | RanpacConfig | None = None) -> dict:
         """Rebuild the router from every task's stats (optionally switching ``kind``, the OOD
         quantile or the learned gate's settings) and commit it as a new version; returns
         ``registry["router"]``."""
         if kind not in (None, *KINDS):
-            raise ConfigError(f"unknown router kind {kind!r}: choose {KINDS[0]!r} or {KINDS[1]!r}")
+            raise ConfigError(f"unknown router kind {kind!r}: choose one of {', '.join(KINDS)}")
         if ood_quantile is not None:
             check_quantile(ood_quantile)
         with registry.lock(self.root):
@@ -216,6 +227,10 @@ class Store:
             reg = registry.read(self.root)
             reg["router"] = {**reg.get("router", {}), **({"kind": kind} if kind else {}),
                              **({"ood_quantile": ood_quantile} if ood_quantile is not None else {})}
+            want = RanpacConfig if reg["router"]["kind"] == RANPAC else RouterConfig
+            if config is not None and not isinstance(config, want):
+                raise ConfigError(f"a {reg['router']['kind']} router takes a {want.__name__}, "
+                                  f"not a {type(config).__name__}")
             self._commit(reg, lambda: stage_router(self.root, reg, self._stats_reader(reg), rebuild=True,
                                                    config=config))
         return dict(self.registry["router"])
@@ -305,9 +320,11 @@ class Store:
                                     "remove those first, or use --cascade to remove them too")
             gone = users + [name]
             folders = [self.expert_dir(n) for n in gone]  # every path checked before anything changes
+            dropped = self._readable_stats(reg, gone)  # read before any folder goes: the router subtracts them
             for n in gone:
                 del reg["experts"][n]
-            self._commit(reg, lambda: stage_router(self.root, reg, self._stats_reader(reg), drop=gone), free=folders)
+            self._commit(reg, lambda: stage_router(self.root, reg, self._stats_reader(reg), drop=gone,
+                                                   dropped_stats=dropped), free=folders)
         for n in gone:
             self._experts.pop(n, None)
         return gone

@@ -1,0 +1,143 @@
+"""The default ranpac router: class posterior routing, its answers, updates and stored statistics."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from clipzoo.errors import ConfigError, RegistryError
+from clipzoo.router.random_features import PROJECTION_DIM, RANK, projection
+from clipzoo.router.ranpac import RanpacConfig, RanpacRouter
+from clipzoo.router.stats import TaskStats, compute_stats
+from clipzoo.zoo.train import TrainSettings
+from clipzoo.zoo.zoo import Zoo
+
+DIM = 32
+
+
+def _task(seed: int, n_per_class: int = 30, classes: int = 4):
+    g = torch.Generator().manual_seed(seed)
+    means = F.normalize(torch.randn(DIM, generator=g), dim=0) + 0.6 * F.normalize(torch.randn(classes, DIM, generator=g), dim=1)
+    y = torch.arange(classes).repeat(n_per_class)
+    return F.normalize(means[y] + 0.4 / DIM ** 0.5 * torch.randn(len(y), DIM, generator=g), dim=1), y
+
+
+@pytest.fixture(scope="module")
+def stats():
+    return {f"t{i}": compute_stats(*_task(i), 4) for i in range(3)}
+
+
+def test_projection_is_fixed_by_its_seed():
+    assert torch.equal(projection(DIM), projection(DIM))
+    assert not torch.equal(projection(DIM, seed=1), projection(DIM))
+    assert projection(DIM).shape == (DIM, PROJECTION_DIM)
+
+
+def test_stats_keep_no_image_and_do_not_grow_with_the_data():
+    small, large = compute_stats(*_task(0, n_per_class=10), 4), compute_stats(*_task(0, n_per_class=60), 4)
+    shapes = lambda s: {k: tuple(v.shape) for k, v in vars(s).items()}  # noqa: E731
+    assert shapes(small) == shapes(large)
+    assert shapes(small)["rp_means"] == (4, PROJECTION_DIM) and shapes(small)["rp_factor"] == (PROJECTION_DIM, RANK)
+
+
+def test_routes_separable_tasks_and_gives_class_posteriors(stats):
+    r = RanpacRouter.from_stats(stats)
+    x = torch.cat([_task(i, n_per_class=5)[0] for i in range(3)])
+    truth = torch.arange(3).repeat_interleave(20)
+    routing = r.route(x, k=2)
+    assert bool((routing.indices[:, 0] == truth).all())
+    for name, lp in routing.class_logp.items():   # log p(class | x, task): rows sum to one
+        assert torch.allclose(lp.exp().sum(1), torch.ones(len(x)), atol=1e-4)
+
+
+def test_add_then_remove_equals_building_without_it(stats):
+    grown = RanpacRouter.from_stats({k: stats[k] for k in ("t0", "t1")})
+    grown.add("t2", stats["t2"])
+    grown.remove("t1", stats["t1"])
+    direct = RanpacRouter.from_stats({k: stats[k] for k in ("t0", "t2")})
+    assert grown.names == direct.names
+    x = torch.cat([_task(i, n_per_class=3)[0] for i in range(3)])
+    assert torch.allclose(grown.scores(x), direct.scores(x), atol=1e-3)
+    with pytest.raises(RegistryError):
+        grown.add("t0", stats["t0"])
+    with pytest.raises(ConfigError):
+        RanpacConfig(shrinkage=2.0)
+
+
+def test_stats_of_older_versions_load_but_cannot_join(stats, tmp_path):
+    s = stats["t0"]
+    save_file({k: v.contiguous() for k, v in vars(s).items() if not k.startswith("rp_")}, str(tmp_path / "stats.safetensors"))
+    old = TaskStats.load(tmp_path)
+    assert old.rp_means is None
+    with pytest.raises(RegistryError, match="add it again"):
+        RanpacRouter.from_stats({"old": old})
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory, builtin_tasks):
+    z = Zoo.create(tmp_path_factory.mktemp("ranpac") / "zoo")
+    for name in ("shapes", "colours", "textures"):
+        z.add_task(builtin_tasks[name], train=TrainSettings(epochs=2, batch_size=32))
+    return z
+
+
+def test_a_new_zoo_routes_with_ranpac_and_files_it(zoo):
+    spec = zoo.registry["router"]
+    assert spec["kind"] == "ranpac" and sorted(spec["files"]) == ["router/router-v3.json", "router/router-v3.safetensors"]
+    assert isinstance(Zoo.open(zoo.root).router(), RanpacRouter) and zoo.verify()["ok"]
+
+
+def test_answers_do_not_depend_on_the_batch(zoo, builtin_tasks):
+    """An image's routed answer is the same alone or inside any mixed batch (no batch-level vote)."""
+    x = torch.cat([zoo.features(builtin_tasks[n].test.images[:6]) for n in ("shapes", "colours", "textures")])
+    together = zoo.predict_features(x)
+    shuffled = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    mixed = zoo.predict_features(x[shuffled])
+    for j, i in enumerate(shuffled.tolist()):
+        alone = zoo.predict_features(x[i:i + 1])[0]
+        for other in (together[i], mixed[j]):
+            assert (other["task"], other["label"], other["fallback"]) == (alone["task"], alone["label"], alone["fallback"])
+            assert other["score"] == pytest.approx(alone["score"], abs=1e-4)
+
+
+def test_the_class_posterior_changes_answers_only_through_its_weight(zoo, builtin_tasks):
+    x = zoo.features(builtin_tasks["textures"].test.images)
+    plain = zoo.predict_features(x, task="textures")
+    with torch.no_grad():
+        expert = zoo.expert("textures")(x).softmax(1).max(1).values
+    r = zoo.router()
+    r.config = RanpacConfig(shrinkage=r.config.shrinkage, answer_weight=0.0)
+    alone = zoo.predict_features(x, task="textures")
+    assert [p["score"] for p in alone] == pytest.approx(expert.tolist(), abs=1e-5)
+    r.config = RanpacConfig(shrinkage=r.config.shrinkage, answer_weight=0.25)
+    assert [p["score"] for p in plain] != pytest.approx([p["score"] for p in alone], abs=1e-5)
+
+
+def test_remove_subtracts_the_task_and_stays_consistent(zoo, tmp_path):
+    shutil.copytree(zoo.root, tmp_path / "zoo")
+    z = Zoo.open(tmp_path / "zoo")
+    z.remove("colours")
+    fresh = RanpacRouter.from_stats({n: z.stats(n) for n in z.names})
+    x = torch.randn(5, z.backbone.embed_dim)
+    assert z.router().names == ["shapes", "textures"] and z.verify()["ok"]
+    assert torch.allclose(Zoo.open(z.root).router().scores(x), fresh.scores(x), rtol=1e-3, atol=1e-2)
+    saved = load_file(str(next((z.root / "router").glob("*.safetensors"))))
+    assert saved["means"].shape[0] == sum(len(z.record(n)["classes"]) for n in z.names)
+
+
+def test_answers_for_a_given_task_never_change_as_tasks_arrive(builtin_tasks, tmp_path):
+    """Each task's class head is fixed when it is added: adding another task changes routing
+    only, never what the zoo answers for an old task given its id (oracle forgetting stays 0)."""
+    z = Zoo.create(tmp_path / "zoo")
+    for name in ("shapes", "colours"):
+        z.add_task(builtin_tasks[name], train=TrainSettings(epochs=1, batch_size=32))
+    x = z.features(builtin_tasks["shapes"].test.images)
+    before = z.predict_features(x, task="shapes")
+    z.add_task(builtin_tasks["textures"], train=TrainSettings(epochs=1, batch_size=32))
+    after = Zoo.open(z.root).predict_features(x, task="shapes")
+    assert [p["label"] for p in after] == [p["label"] for p in before]
+    assert [p["score"] for p in after] == pytest.approx([p["score"] for p in before], abs=1e-6)
