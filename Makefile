@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml setup.py Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH_PINS)
-	$(BIN)/python -m pip install --quiet -e '.[test,bench,serve]' $(TORCH_PINS)
+	$(BIN)/python -m pip install --quiet -e '.[test,bench,serve,ray]' $(TORCH_PINS)
 	touch $(STAMP)
 
 demo: install

@@ -49,6 +49,18 @@ class Learner:
                               sources=list(sources) if sources else None, zoo=self.sources(), seed=train.seed)
         return self._train_and_commit(expert, task, name, train, settings, t0)
 
+    def add_tasks(self, jobs: Sequence[dict], executor: str = "local", workers: int | None = None,
+                  address: str | None = None) -> list[dict]:
+        """Several new tasks at once, trained in parallel (worker processes, or Ray with
+        ``executor='ray'``), each through :meth:`add_task` and committed on its own; one outcome per
+        job, in order (:func:`clipzoo.zoo.parallel.add_tasks` has the job and outcome layout)."""
+        from clipzoo.zoo.parallel import add_tasks, check_jobs
+
+        outcomes = add_tasks(type(self), self.root, check_jobs(jobs, list(self.registry["experts"])),
+                             executor, workers, address)
+        self.registry = registry.read(self.root)  # the version with the workers' commits
+        return outcomes
+
     def _train_and_commit(self, expert: Expert, task: TaskData, name: str, train: TrainSettings,
                           settings: dict | None, t0: float) -> dict:
         """Fit ``expert`` on the task's cached features, score it on the test split, stage its files

@@ -52,11 +52,31 @@ def init(zoo_dir: str, backbone: str, pretrained: str | None, as_json: bool) -> 
            f"created zoo {z.root} on {backbone} ({bb['params']:,} frozen parameters, fingerprint {bb['fingerprint'][:12]})")
 
 
+def _names(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...]:
+    from clipzoo.tasks.spec import check_name
+
+    return tuple(check_name(v) for v in value)
+
+
+def _task_names(names: tuple[str, ...], data: tuple[str, ...]) -> list[str]:
+    """One name per ``--data``: the ``--name``s given, else each folder's (or built-in domain's) name."""
+    from clipzoo.tasks.data import BUILTIN_PREFIX
+    from clipzoo.tasks.spec import check_name
+
+    if names and len(names) != len(data):
+        raise ConfigError(f"{len(names)} --name for {len(data)} --data: give one --name per --data, or none "
+                          "(the folder names are used)")
+    return list(names) or [check_name(d[len(BUILTIN_PREFIX):] if d.startswith(BUILTIN_PREFIX)
+                                      else Path(d).resolve().name) for d in data]
+
+
 @click.command("add-task")
 @existing_zoo_option
-@click.option("--name", required=True, callback=_name, help="Task name (letters, digits, _ - .).")
-@click.option("--data", required=True, callback=data_callback,
-              help="ImageFolder DIR (DIR/train/<class>/*, DIR/test/<class>/*) or builtin:<domain>.")
+@click.option("--name", "names", multiple=True, callback=_names,
+              help="Task name (letters, digits, _ - .); one per --data [default: the folder's name].")
+@click.option("--data", multiple=True, required=True, callback=data_callback,
+              help="ImageFolder DIR (DIR/train/<class>/*, DIR/test/<class>/*) or builtin:<domain>; repeat it "
+                   "to add several tasks at once, trained in parallel.")
 @click.option("--kind", default="clip-adapter", show_default=True, help="Expert kind, or a stack joined by '+'.")
 @click.option("--epochs", default=None, type=int, callback=at_least_one,
               help="Training epochs [default: 20; 10 when the stack works inside an encoder: vit-adapter, vl-adapter, lora].")
@@ -67,10 +87,17 @@ def init(zoo_dir: str, backbone: str, pretrained: str | None, as_json: bool) -> 
               help="A setting of one kind in the stack (VALUE is JSON or a word), or expert.kl_weight / "
                    "expert.ensemble for the whole stack; repeatable.")
 @click.option("--from", "sources", default=None, help="With --kind fusion: experts to compose, A,B,... (default: all).")
+@click.option("--workers", default=None, type=int, callback=at_least_one,
+              help="With several --data: worker processes training at once [default: the CPU count].")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="With several --data: local worker processes, or Ray tasks (pip install 'clipzoo[ray]').")
+@click.option("--address", default=None, help="With --executor ray: a running cluster (auto, HOST:6379, "
+              "ray://HOST:10001); default: a local Ray instance.")
 @json_option
-def add_task(zoo_dir: str, name: str, data: str, kind: str, epochs: int | None, lr: float | None, seed: int,
-             set_: tuple[str, ...], sources: str | None, as_json: bool) -> None:
-    """Train a new expert for a task; other experts are never touched.
+def add_task(zoo_dir: str, names: tuple[str, ...], data: tuple[str, ...], kind: str, epochs: int | None,
+             lr: float | None, seed: int, set_: tuple[str, ...], sources: str | None, workers: int | None,
+             executor: str, address: str | None, as_json: bool) -> None:
+    """Train a new expert for a task (or several, in parallel); other experts are never touched.
 
     \b
     Example: clipzoo add-task --zoo myzoo --name mnist --data data/mnist --epochs 30
@@ -78,23 +105,50 @@ def add_task(zoo_dir: str, name: str, data: str, kind: str, epochs: int | None, 
                --set lora.rank=4 --set lora.blocks=[1,2] --set expert.kl_weight=1.0
     Compose existing experts (trains only a fusion layer and a head):
       clipzoo add-task --zoo myzoo --name flowers --data data/flowers --kind fusion --from mnist,cifar
+    Several tasks at once (named after their folders; each committed on its own):
+      clipzoo add-task --zoo myzoo --data data/mnist --data data/gtsrb --data data/dtd --workers 2
+      clipzoo add-task --zoo myzoo --data /shared/data/mnist --data /shared/data/dtd --executor ray --address auto
     """
     from clipzoo.zoo.experts import parse_settings
     from clipzoo.zoo.train import TrainSettings, train_defaults
     from clipzoo.zoo.zoo import Zoo
 
+    task_names = _task_names(names, data)
+    if address and executor != "ray":
+        raise ConfigError("--address needs --executor ray")
     z = Zoo.open(zoo_dir)
     defaults = train_defaults(kind)
     epochs = defaults["epochs"] if epochs is None else epochs
     lr = defaults["lr"] if lr is None else lr
-    rec = z.add_task(data, name=name, kind=kind, settings=parse_settings(set_),
-                     train=TrainSettings(epochs=epochs, lr=lr, seed=seed),
-                     sources=[s.strip() for s in sources.split(",") if s.strip()] if sources else None)
+    job = {"kind": kind, "settings": parse_settings(set_), "train": {"epochs": epochs, "lr": lr, "seed": seed},
+           "sources": [s.strip() for s in sources.split(",") if s.strip()] if sources else None}
+    if len(data) > 1 or executor == "ray":
+        outcomes = z.add_tasks([{**job, "name": n, "data": d} for n, d in zip(task_names, data)],
+                               executor=executor, workers=workers, address=address)
+        _emit_many(outcomes, as_json)
+        return
+    rec = z.add_task(data[0], name=task_names[0], kind=kind, settings=job["settings"],
+                     train=TrainSettings(**job["train"]), sources=job["sources"])
+    emit(rec, as_json, _added(rec))
+
+
+def _added(rec: dict) -> str:
     m = rec["metrics"]
-    text = (f"added {name} ({rec['kind']}, {len(rec['classes'])} classes, {rec['trainable_params']:,} trainable "
+    return (f"added {rec['name']} ({rec['kind']}, {len(rec['classes'])} classes, {rec['trainable_params']:,} trainable "
             f"params = {100 * rec['trainable_share']:.2f}% of the backbone) in {m['add_seconds']:.1f}s; "
             f"test acc {m.get('test_acc', float('nan')):.3f} (zero-shot {m.get('zero_shot_acc', float('nan')):.3f})")
-    emit(rec, as_json, text)
+
+
+def _emit_many(outcomes: list[dict], as_json: bool) -> None:
+    """Each task's outcome (JSON: ``{"ok", "tasks": [...]}``); the failed ones as ``error:`` lines
+    on stderr and exit status 1, after the others were committed."""
+    failed = [o for o in outcomes if not o["ok"]]
+    emit({"ok": not failed, "tasks": outcomes}, as_json,
+         "\n".join(_added(o["record"]) for o in outcomes if o["ok"]) or "(no task added)")
+    for o in failed:
+        click.echo(f"error: task {o['name']}: {o['error']}", err=True)
+    if failed:
+        sys.exit(1)
 
 
 @click.command("list")
@@ -147,11 +201,12 @@ def verify(zoo_dir: str, as_json: bool) -> None:
 
 @click.command("router")
 @existing_zoo_option
-@click.option("--kind", type=click.Choice(["learned", "nearest-stats"]), default=None,
-              help="Switch the routing policy (rebuilds the router from the stored statistics).")
+@click.option("--kind", type=click.Choice(["ranpac", "learned", "nearest-stats"]), default=None,
+              help="Switch the routing policy (rebuilds the router from the stored statistics); ranpac is "
+                   "the default of a new zoo.")
 @click.option("--ood-quantile", default=None, type=float, callback=fraction,
               help="In-distribution quantile that sets the zero-shot fallback threshold (e.g. 0.99).")
-@click.option("--rebuild", is_flag=True, help="Retrain the router from every task's statistics.")
+@click.option("--rebuild", is_flag=True, help="Rebuild the router from every task's statistics.")
 @json_option
 def router_cmd(zoo_dir: str, kind: str | None, ood_quantile: float | None, rebuild: bool, as_json: bool) -> None:
     """Show the zoo's router, or change it (a new router version; experts are never touched).
