@@ -6,18 +6,22 @@ Each method learns tasks in order (``learn``) and answers on features ``x``:
 answers for a task not learned yet (zero-shot transfer of the current model, from the task's
 class-name text embeddings). ``state()`` / ``restore()`` let a crashed benchmark resume.
 
-The learning methods share one CLIP-Adapter (the zoo's expert architecture) and a growing,
-text-initialised classifier; they differ only in what they add to the cross-entropy:
+The learning methods here (named ``adapter-*`` in the benchmark: none of them touches the CLIP
+towers; the full-fine-tuning baselines are in :mod:`clipzoo.bench.finetune`) share one
+CLIP-Adapter (the zoo's expert architecture) and a growing, text-initialised classifier; they
+differ only in what they add to the cross-entropy:
 
-- ``naive``: nothing (sequential fine-tuning, the forgetting baseline);
-- ``ewc``: ``lam/2 * sum_k F_k (theta_k - theta*_k)^2`` with the diagonal empirical Fisher ``F``
+- ``adapter-naive``: nothing (sequential fine-tuning of the adapter, the forgetting baseline);
+- ``adapter-ewc``: ``lam/2 * sum_k F_k (theta_k - theta*_k)^2`` with the diagonal empirical Fisher ``F``
   summed over past tasks (online EWC, anchor = parameters after the last task; Kirkpatrick 2017);
-- ``lwf``: ``alpha * T^2 * KL(p_old^T || p_new^T)`` on the old classes' logits of the current
+- ``adapter-lwf``: ``alpha * T^2 * KL(p_old^T || p_new^T)`` on the old classes' logits of the current
   task's inputs, ``p_old`` from the model as it was before the task (Li & Hoiem 2016);
-- ``zscl``: ``beta * T^2 * KL(p_clip^T || p_new^T)`` over a reference vocabulary (seen classes and
-  a fixed list of reference texts), ``p_clip`` from the frozen CLIP's image-text similarities
-  (the distillation part of ZSCL, Zheng 2023 / CLIP-CITE; no weight ensembling);
-- ``joint``: the same shared adapter and heads retrained from scratch at each step on the
+- ``adapter-zscl``: ``beta * T^2 * KL(p_clip^T || p_new^T)`` over a reference vocabulary (seen classes and
+  the reference texts of :func:`clipzoo.bench.pixels.reference_set`: the built-in domains' class
+  names, those in the sequence left out), on the current task's features, ``p_clip`` from the frozen
+  CLIP's image-text similarities (a ZSCL-style distillation on the adapter; no reference images, no
+  weight ensembling: ZSCL itself is ``ft-zscl``);
+- ``adapter-joint``: the same shared adapter and heads retrained from scratch at each step on the
   features of every task seen so far (keeps all training data; not a continual method, and no
   bound on the others: a classifier built from stored statistics, ``slda``, can beat it).
 
@@ -132,8 +136,8 @@ class NaiveSequential:
     """Naive sequential fine-tuning: the shared adapter and heads trained on each new task only,
     with a cross-entropy over every class seen so far (the classic forgetting baseline)."""
 
-    name = "naive"
-    note = "sequential fine-tuning of one shared adapter"
+    name = "adapter-naive"
+    note = "sequential fine-tuning of one shared CLIP-Adapter on cached frozen features"
 
     def __init__(self, class_embs: list[torch.Tensor], logit_scale: float, train: TrainSettings):
         self.class_embs, self.train, self.scale = class_embs, train, logit_scale
@@ -201,8 +205,8 @@ class NaiveSequential:
 class EWC(NaiveSequential):
     """Online EWC: a diagonal-Fisher quadratic pull towards the parameters after the last task."""
 
-    name = "ewc"
-    note = "naive + elastic weight consolidation"
+    name = "adapter-ewc"
+    note = "adapter-naive + elastic weight consolidation"
 
     def __init__(self, class_embs: list[torch.Tensor], logit_scale: float, train: TrainSettings, lam: float = 1e3):
         super().__init__(class_embs, logit_scale, train)
@@ -247,8 +251,8 @@ class EWC(NaiveSequential):
 class LwF(NaiveSequential):
     """Learning without Forgetting: distil the previous model's old-class outputs on new inputs."""
 
-    name = "lwf"
-    note = "naive + distillation from the previous model"
+    name = "adapter-lwf"
+    note = "adapter-naive + distillation from the previous model"
 
     def __init__(self, class_embs: list[torch.Tensor], logit_scale: float, train: TrainSettings,
                  alpha: float = 1.0, temperature: float = 2.0):
@@ -274,8 +278,9 @@ class LwF(NaiveSequential):
 class ZSCL(NaiveSequential):
     """ZSCL / CLIP-CITE-style: keep the adapted image-text similarities close to the frozen CLIP's."""
 
-    name = "zscl"
-    note = "naive + distillation towards frozen CLIP image-text similarities"
+    name = "adapter-zscl"
+    note = ("adapter-naive + distillation towards frozen CLIP image-text similarities over a reference "
+            "vocabulary (no reference images, no weight ensembling)")
 
     def __init__(self, class_embs: list[torch.Tensor], logit_scale: float, train: TrainSettings,
                  reference: torch.Tensor | None = None, beta: float = 1.0, temperature: float = 2.0):
@@ -297,8 +302,8 @@ class Joint(NaiveSequential):
     """Joint training: the shared adapter and heads retrained from scratch at each step on every
     task seen so far (stores all training features)."""
 
-    name = "joint"
-    note = "shared adapter retrained from scratch on all training data seen so far (keeps every image)"
+    name = "adapter-joint"
+    note = "shared CLIP-Adapter retrained from scratch on all training data seen so far (keeps every image)"
 
     def __init__(self, class_embs: list[torch.Tensor], logit_scale: float, train: TrainSettings):
         super().__init__(class_embs, logit_scale, train)

@@ -25,8 +25,8 @@ def run_demo(out: Path, verbose: bool = True) -> dict:
         click.echo(markdown_table(res))
         m = res["metrics"]
         click.echo(f"\nzoo: routing accuracy {m['routing_accuracy']:.3f}, task-agnostic {m['task_agnostic_acc']:.3f} "
-                   f"vs oracle {m['oracle_acc']:.3f}; forgetting {m['forgetting']:.3f} vs naive "
-                   f"{res['baselines']['naive']['forgetting']:.3f}")
+                   f"vs oracle {m['oracle_acc']:.3f}; forgetting {m['forgetting']:.3f} vs adapter-naive "
+                   f"{res['baselines']['adapter-naive']['forgetting']:.3f}")
         click.echo(f"report: {out}/report.md, {out}/acc_matrix.png; zoo: {out}/zoo "
                    f"(try: clipzoo predict --zoo {out}/zoo {data}/shapes/test)")
     return res

@@ -1,8 +1,9 @@
 """The forgetting benchmark: train through task sequences and fill each method's accuracy matrix.
 
 For every (order, seed) run the zoo is a real zoo directory grown with ``Zoo.add_task``; the
-baselines (:mod:`clipzoo.bench.baselines`) run in the same run on the same cached frozen features with the
-same epochs, learning rate and seed, after each baseline's own hyper-parameter was chosen on
+baselines (:mod:`clipzoo.bench.methods`) run in the same run with the same seed: the shared-adapter ones on
+the same cached frozen features, epochs and learning rate, the full-fine-tuning ones
+(:mod:`clipzoo.bench.finetune`) on the same images as pixels, after each baseline's own hyper-parameters were chosen on
 validation data carved from the first two tasks' training splits (:mod:`clipzoo.bench.tuning`;
 test splits only report). Lower-triangle entries (``j <= i``) are task-agnostic but for
 the ``zoo-oracle`` row: an answer counts only if it names the right task and the right class. Upper-triangle entries (``j > i``) give the task's class names (zero-shot transfer to a
@@ -27,13 +28,14 @@ import torch
 from safetensors.torch import load_file
 
 from clipzoo.bench import baselines as B
+from clipzoo.bench import pixels as PX
+from clipzoo.bench.methods import (CROSS_CHECKS, FT_METHODS, METHODS, build as _build, check_ft,
+                                   exclude as _exclude, inputs as _inputs, on_pixels)
 from clipzoo.bench import tuning
-from clipzoo.bench.slda import SLDA
 from clipzoo.tasks.metrics import METRIC_KEYS, mean_std, seen_accuracy_per_step, summary
 from clipzoo.bench.resume import StepStore
 from clipzoo.tasks.sequence import task_orders
 from clipzoo.tasks.spec import TaskData
-from clipzoo.tasks.synthetic import DOMAINS as REFERENCE_VOCAB
 from clipzoo.tasks.validation import DEFAULT_SEED as VAL_SEED
 from clipzoo.zoo.backbone import Backbone, BackboneSpec, load_backbone
 from clipzoo.zoo.cache import backbone_features
@@ -44,10 +46,8 @@ from clipzoo.zoo.zoo import Zoo
 
 __all__ = ["BenchSettings", "default_methods", "run_benchmark", "METHODS", "ZOO_ROWS"]
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 ZOO_ROWS = ("zoo", "zoo-oracle")
-METHODS = ("zero-shot", "slda", "naive", "ewc", "lwf", "zscl", "joint")
-CROSS_CHECKS = ("avalanche-naive", "avalanche-ewc", "avalanche-lwf")
 
 
 def avalanche_available() -> bool:
@@ -76,7 +76,17 @@ class BenchSettings:
     lwf_alpha: float = 1.0
     zscl_beta: float = 1.0
     slda_shrinkage: float = 1e-2
-    # choose ewc_lambda, lwf_alpha, zscl_beta and slda_shrinkage on validation data (tuning.GRIDS);
+    # the full-fine-tuning baselines (clipzoo.bench.methods.check_ft says what each is)
+    ft_lr: float = 1e-4
+    ft_steps: int = 20
+    ft_batch_size: int = 64
+    ft_zscl_weight: float = 1.0
+    ft_cite_weight: float = 1.0
+    ft_avg_every: int = 5
+    ft_ref_per_class: int = 10
+    ft_threads: int = 0
+    # choose ewc_lambda, lwf_alpha, zscl_beta, slda_shrinkage, ft_lr (on ft-naive, then used by every
+    # ft method), ft_zscl_weight and ft_cite_weight on validation data (tuning.GRIDS);
     # False keeps the values above
     tune: bool = True
     val_fraction: float = 0.1  # of each training split, per class, for that choice
@@ -101,6 +111,7 @@ class BenchSettings:
             raise ConfigError("val_fraction must be in (0, 1) and slda_shrinkage in [0, 1]")
         if min(self.epochs, self.batch_size, self.seeds, self.threads) < 1 or self.lr <= 0:
             raise ConfigError("epochs, batch size, --seeds and --threads must be >= 1 and lr > 0")
+        check_ft(self)
 
 
 def machine_info() -> dict:
@@ -116,26 +127,6 @@ def peak_rss_mb() -> float:
 
 def _acc(ok: torch.Tensor) -> float:
     return round(float(ok.float().mean()), 6) if len(ok) else 0.0
-
-
-def _build(names: list[str], embs: list[torch.Tensor], bb: Backbone, train: TrainSettings, s: BenchSettings) -> list:
-    scale = bb.logit_scale
-    reference = bb.class_embeddings(sorted({c for cs in REFERENCE_VOCAB.values() for c in cs}),
-                                    ["a photo of a {}."]) if "zscl" in names else None
-    make = {
-        "zero-shot": lambda: B.ZeroShot(embs, scale),
-        "slda": lambda: SLDA(embs, scale, shrinkage=s.slda_shrinkage),
-        "naive": lambda: B.NaiveSequential(embs, scale, train),
-        "ewc": lambda: B.EWC(embs, scale, train, lam=s.ewc_lambda),
-        "lwf": lambda: B.LwF(embs, scale, train, alpha=s.lwf_alpha),
-        "zscl": lambda: B.ZSCL(embs, scale, train, reference=reference, beta=s.zscl_beta),
-        "joint": lambda: B.Joint(embs, scale, train),
-    }
-    if any(n in CROSS_CHECKS for n in names):
-        from clipzoo.bench.avalanche_check import make_cross_checks
-
-        make.update(make_cross_checks(embs, scale, train, s))
-    return [make[n]() for n in names]
 
 
 def _zoo_params(zoo: Zoo) -> tuple[int, int, int]:
@@ -163,8 +154,10 @@ def _open_zoo(zoo_dir: Path, s: BenchSettings, done: list[str]) -> Zoo:
     return Zoo.create(zoo_dir, BackboneSpec(s.backbone, s.pretrained))
 
 
-def _evaluate_step(i: int, tasks: list[TaskData], feats: list, zoo: Zoo, methods: list) -> dict:
-    """Row ``i`` of every method's matrix, with pooled correct counts over the seen tasks."""
+def _evaluate_step(i: int, tasks: list[TaskData], feats: list, zoo: Zoo, methods: list,
+                   pix: list | None = None) -> dict:
+    """Row ``i`` of every method's matrix, with pooled correct counts over the seen tasks (the
+    fine-tuning baselines read the same test images as pixels, ``pix``)."""
     T = len(tasks)
     zs = next(m for m in methods if m.name == "zero-shot")
     rows = {n: [0.0] * T for n in ZOO_ROWS + tuple(m.name for m in methods)}
@@ -176,7 +169,7 @@ def _evaluate_step(i: int, tasks: list[TaskData], feats: list, zoo: Zoo, methods
         if j > i:  # not learned yet: zero-shot transfer with the task's class names
             rows["zoo"][j] = rows["zoo-oracle"][j] = _acc(zs.given(x, j) == y)
             for m in methods:
-                rows[m.name][j] = _acc(m.unseen(x, j) == y)
+                rows[m.name][j] = _acc(m.unseen(_inputs(m, j, feats, pix), j) == y)
             continue
         truth = [tasks[j].classes[int(c)] for c in y]
         preds = zoo.predict_features(x)
@@ -191,11 +184,12 @@ def _evaluate_step(i: int, tasks: list[TaskData], feats: list, zoo: Zoo, methods
             pooled[name]["given"] += int(giv.sum())
             pooled[name]["n"] += len(y)
         for m in methods:
-            bt, bc = m.agnostic(x, seen)
+            xm = _inputs(m, j, feats, pix)
+            bt, bc = m.agnostic(xm, seen)
             agn = (bt == j) & (bc == y)
             rows[m.name][j] = _acc(agn)
             pooled[m.name]["agnostic"] += int(agn.sum())
-            pooled[m.name]["given"] += int((m.given(x, j) == y).sum())
+            pooled[m.name]["given"] += int((m.given(xm, j) == y).sum())
             pooled[m.name]["n"] += len(y)
     n = pooled["zoo"]["n"]
     return {"rows": rows, "pooled": pooled, "routed": routed_n, "n_seen": n,
@@ -235,7 +229,10 @@ def _run(rid: str, order: list[int], seed: int, all_tasks: list[TaskData], all_f
     train = s.train(seed)
     names = ["zero-shot"] + [m for m in s.methods if m != "zero-shot"]
     torch.manual_seed(seed)  # the baselines' initial weights
-    methods = _build(names, embs, bb, replace(train, head_lr_scale=s.baseline_head_lr_scale), s)
+    methods = _build(names, embs, bb, replace(train, head_lr_scale=s.baseline_head_lr_scale), s,
+                     texts=[(t.classes, t.templates) for t in tasks], excluded=_exclude(all_tasks, held))
+    # the fine-tuning baselines read pixels: decoded once per process (clipzoo.bench.pixels), never per step
+    pix = [PX.task_pixels(t, bb) for t in tasks] if any(n in FT_METHODS for n in names) else None
     store = StepStore(run_dir / "steps")
     config = {"settings": {k: v for k, v in asdict(s).items() if k not in ("orders", "seeds")}, "seed": seed,
               "tasks": [t.name for t in tasks], "sources": [t.source for t in tasks],
@@ -252,8 +249,11 @@ def _run(rid: str, order: list[int], seed: int, all_tasks: list[TaskData], all_f
         zoo.add_task(tasks[i], train=train, kind=s.kind)
         learn = {"zoo": round(time.perf_counter() - t0, 3)}
         for m in methods:
-            learn[m.name] = round(m.learn(i, feats[i][0], feats[i][1])["train_seconds"], 3)
-        ev = _evaluate_step(i, tasks, feats, zoo, methods)
+            if on_pixels(m):  # frozen features = the teacher's, cached
+                learn[m.name] = round(m.learn(i, pix[i][0], pix[i][1], frozen=feats[i][0])["train_seconds"], 3)
+            else:
+                learn[m.name] = round(m.learn(i, feats[i][0], feats[i][1])["train_seconds"], 3)
+        ev = _evaluate_step(i, tasks, feats, zoo, methods, pix)
         store.save(i, {"step": i, "task": tasks[i].name, "train_seconds": learn, **ev},
                    {m.name: m.state() for m in methods})
     recs = [store.record(i) for i in range(T)]
@@ -264,7 +264,12 @@ def _run(rid: str, order: list[int], seed: int, all_tasks: list[TaskData], all_f
     infer = {"zoo": _timed_ms(lambda: zoo.predict_features(pile), len(pile)),
              "zoo-oracle": _timed_ms(lambda: [zoo.predict_features(f[2], task=t.name) for f, t in zip(feats, tasks)],
                                      len(pile))}
-    infer.update({m.name: _timed_ms(lambda m=m: m.agnostic(pile, list(range(T))), len(pile)) for m in methods})
+    infer.update({m.name: _timed_ms(lambda m=m: m.agnostic(pile, list(range(T))), len(pile)) for m in methods
+                  if not on_pixels(m)})
+    if pix is not None:  # the image tower runs on pixels: timed on the first 512 test images, memo cleared
+        px = torch.cat([p[2] for p in pix])[:512]
+        infer.update({m.name: _timed_ms(lambda m=m: (m.clear_cache(), m.agnostic(px, list(range(T)))), len(px))
+                      for m in methods if on_pixels(m)})
     costs = {"zoo": (ztrain, zstored, 0), "zoo-oracle": (ztrain, zstored, 0)}
     costs.update({m.name: (m.trainable_params(), m.stored_params(), m.stored_images())
                   for m in methods})
@@ -309,36 +314,40 @@ def _encode(tasks: list[TaskData], bb: Backbone) -> list:
 
 
 def run_benchmark(tasks: list[TaskData], settings: BenchSettings = BenchSettings(), out: Path | None = None, holdout: TaskData | None = None,
-                  resume: bool = False) -> dict:
+                  resume: bool = False, executor=None) -> dict:
     """Run every (order, seed); write ``report.json``, ``report.md`` and plots under ``out`` if given.
 
     The first run (the given order, ``settings.seed``) keeps its zoo in ``out/zoo``; the others in
-    ``out/runs/<id>/zoo``. Without ``out`` everything lives in a temporary directory.
+    ``out/runs/<id>/zoo``. Without ``out`` everything lives in a temporary directory. ``executor``:
+    where the encoding and the independent runs execute (:mod:`clipzoo.bench.executor`; default:
+    in this process, one run after the other); the report is the same either way.
     """
+    from clipzoo.bench.executor import LocalExecutor, RunJob
     from clipzoo.bench.report import write_report
 
     settings.check()
+    ex = executor or LocalExecutor()
     t_start = time.perf_counter()
     tmp = None if out else tempfile.TemporaryDirectory(prefix="clipzoo-bench-")
     root = Path(out) if out else Path(tmp.name)
     threads = torch.get_num_threads()
     torch.set_num_threads(settings.threads)
     try:
-        bb = load_backbone(BackboneSpec(settings.backbone, settings.pretrained))
-        t0 = time.perf_counter()
-        feats = _encode(tasks + ([holdout] if holdout else []), bb)
-        encode_seconds = time.perf_counter() - t0
-        held = (holdout.name, feats.pop()[2]) if holdout else None
-        settings, tuned = _tune(settings, tasks, feats, bb)
-        orders = task_orders(len(tasks), settings.orders, settings.seed)
-        runs = []
-        for o, order in enumerate(orders):
-            for seed in range(settings.seed, settings.seed + settings.seeds):
-                rid = f"o{o}-s{seed}"
-                first = not runs
-                runs.append(_run(rid, order, seed, tasks, feats, bb, settings, root / "runs" / rid,
-                                 root / "zoo" if first else root / "runs" / rid / "zoo", resume, held))
-        result = _assemble(runs, settings, bb, tasks, holdout, encode_seconds, time.perf_counter() - t_start, tuned)
+        with ex:
+            bb = load_backbone(BackboneSpec(settings.backbone, settings.pretrained))
+            t0 = time.perf_counter()
+            feats = ex.encode(_encode, tasks + ([holdout] if holdout else []), bb)
+            encode_seconds = time.perf_counter() - t0
+            held = (holdout.name, feats.pop()[2]) if holdout else None
+            settings, tuned = _tune(settings, tasks, feats, bb)
+            orders = task_orders(len(tasks), settings.orders, settings.seed)
+            plan = [(f"o{o}-s{seed}", order, seed) for o, order in enumerate(orders)
+                    for seed in range(settings.seed, settings.seed + settings.seeds)]
+            jobs = [RunJob(rid, order, seed, root / "runs" / rid, root / "runs" / rid / "zoo" if k else root / "zoo")
+                    for k, (rid, order, seed) in enumerate(plan)]
+            runs = ex.runs(_run, jobs, tasks, feats, bb, settings, resume, held)
+            result = _assemble(runs, settings, bb, tasks, holdout, encode_seconds, time.perf_counter() - t_start, tuned)
+            result["settings"]["executor"] = ex.describe()
         if out:
             write_report(result, root)
         return result
@@ -356,10 +365,15 @@ def _tune(s: BenchSettings, tasks: list[TaskData], feats: list, bb: Backbone) ->
     embs = [bb.class_embeddings(t.classes, t.templates) for t in tasks[:2]]
     train = replace(s.train(s.seed), head_lr_scale=s.baseline_head_lr_scale)
 
-    def build(method: str, key: str, value: float):
-        return _build([method], embs, bb, train, replace(s, **{key: value}))[0]
+    texts, exclude = [(t.classes, t.templates) for t in tasks[:2]], _exclude(tasks, None)
+    pix = [PX.task_pixels(t, bb) for t in tasks[:2]] if any(m in FT_METHODS for m in s.methods) else None
+    chosen: dict = {}  # values chosen so far (ft_lr, chosen on ft-naive, is used by the later ft methods)
 
-    res = tuning.choose(build, s.methods, feats, [t.name for t in tasks], s.val_fraction, VAL_SEED, s.seed)
+    def build(method: str, key: str, value: float):
+        return _build([method], embs, bb, train, replace(s, **{**chosen, key: value}), texts, exclude)[0]
+
+    res = tuning.choose(build, s.methods, feats, [t.name for t in tasks], s.val_fraction, VAL_SEED, s.seed,
+                        pixels=pix, on_choice=chosen.__setitem__)
     return replace(s, **res["chosen"]), {"tuned": True, **res}
 
 

@@ -19,7 +19,7 @@ HEAD = {"avg_mtil": "avg (MTIL)", "avg_inc": "avg inc", "task_agnostic_acc": "ta
         "trainable_params": "trainable params", "stored_params": "stored params", "train_seconds": "train s",
         "infer_ms_per_image": "infer ms/img"}
 LABEL = {"zoo": "zoo (routed)", "zoo-oracle": "zoo, oracle task ids (routing upper bound)",
-         "joint": "joint (retrained on all seen data)"}
+         "adapter-joint": "adapter-joint (shared adapter retrained on all seen data)"}
 DEFINED = {"avg_mtil": "mean of all T x T cells of R", "avg_inc": "mean over steps of the seen-task mean",
            "last": "mean of R's last row", "forgetting": "mean drop from each task's best earlier accuracy",
            "bwt": "mean of R[T-1][j] - R[j][j]", "transfer": "mean of the upper triangle per task (unseen tasks)"}
@@ -134,7 +134,9 @@ def tuning_md(s: dict) -> str:
     t = s.get("tuning") or {}
     if not t.get("tuned"):
         return (f"Baseline hyper-parameters as given (not tuned): EWC lambda {s.get('ewc_lambda')}, LwF alpha "
-                f"{s.get('lwf_alpha')}, ZSCL beta {s.get('zscl_beta')}, SLDA shrinkage {s.get('slda_shrinkage')}.")
+                f"{s.get('lwf_alpha')}, adapter-ZSCL beta {s.get('zscl_beta')}, SLDA shrinkage {s.get('slda_shrinkage')}, "
+                f"fine-tuning lr {s.get('ft_lr')}, ft-zscl weight {s.get('ft_zscl_weight')}, clip-cite weight "
+                f"{s.get('ft_cite_weight')}.")
     sizes = ", ".join(f"{n} {a}/{b}" for n, (a, b) in zip(t["on"], t["val_sizes"]))
     rows = "; ".join(f"{k} = {t['chosen'][k]:g} from {{{', '.join(f'{v:g}' for v in t['grids'][k])}}} "
                      f"(validation acc {', '.join(f'{a:.3f}' for a in t['scores'][k])})" for k in t["chosen"])
@@ -155,14 +157,18 @@ def write_report(res: dict, out: Path) -> dict[str, str]:
         "# clipzoo forgetting benchmark", "",
         f"Tasks: {', '.join(res['tasks'])}. Backbone: {s['backbone']} ({s['pretrained']}), "
         f"{s['backbone_params']:,} frozen parameters. Expert kind: {s['kind']}; epochs {s['epochs']}, "
-        f"lr {s['lr']}, batch {s['batch_size']}; router: {s['router']}. Every method trains on the same cached "
-        "features with the same epochs, learning rate, batch size and seed. "
+        f"lr {s['lr']}, batch {s['batch_size']}; router: {s['router']}. The zoo and the adapter-* baselines train on "
+        "the same cached features with the same epochs, learning rate, batch size and seed; the full-fine-tuning "
+        f"baselines (ft-*, clip-cite) train the backbone's towers on the same images as pixels, "
+        f"{s.get('ft_steps')} minibatches of {s.get('ft_batch_size')} per task at lr {s.get('ft_lr')}, same seed. "
         "Task ids at test time: no, except rows marked 'yes'. Accuracies are fractions in 0..1.",
-        "The trained baselines share one CLIP-Adapter with text-initialised heads "
-        f"(head lr x{s.get('baseline_head_lr_scale', 1)}); slda is training-free (class Gaussians from "
-        "per-task statistics); rows marked cross-check are avalanche-lib's own strategies on the same model "
-        "and features. Above the diagonal every method is given the unseen task's class names; the zoo and "
-        "slda, which cannot score classes they have no expert or statistics for, answer with zero-shot CLIP there.",
+        "The adapter-* baselines share one CLIP-Adapter with text-initialised heads "
+        f"(head lr x{s.get('baseline_head_lr_scale', 1)}); ft-naive fine-tunes the image tower, ft-zscl and "
+        "clip-cite both towers (classifier: class-name text embeddings); slda is training-free (class Gaussians "
+        "from per-task statistics); rows marked cross-check are avalanche-lib's own strategies on the same model "
+        "and features. Above the diagonal every method is given the unseen task's class names (the fine-tuning "
+        "baselines score them through their fine-tuned towers); the zoo and slda, which cannot score classes "
+        "they have no expert or statistics for, answer with zero-shot CLIP there.",
         tuning_md(s), metrics_md(),
         f"Runs: {len(runs)} ({s.get('n_orders', 1)} order(s) x {s.get('n_seeds', 1)} seed(s)); "
         + ("cells are mean ± std over the runs (costs: mean)." if len(runs) > 1 else "one run."), "",

@@ -20,8 +20,8 @@ def test_demo_writes_report_and_zoo_forgets_less_than_naive(tmp_path):
     for key in ("avg_mtil", "avg_inc", "last", "forgetting", "bwt", "transfer", "task_agnostic_acc", "oracle_acc", "routing_accuracy"):
         assert key in m
     assert m["routing_accuracy"] > 0.9
-    assert m["forgetting"] < r["baselines"]["naive"]["forgetting"]
-    assert {"zero-shot", "naive"} <= set(r["baselines"])
+    assert m["forgetting"] < r["baselines"]["adapter-naive"]["forgetting"]
+    assert {"zero-shot", "adapter-naive"} <= set(r["baselines"])
     for f in ("report.json", "report.md", "acc_matrix.png"):
         assert (out / f).is_file()
     assert (out / "zoo" / "registry.json").is_file()

@@ -18,7 +18,7 @@ from clipzoo.tasks.validation import validation_split
 from clipzoo.cli import main
 from clipzoo.errors import ConfigError
 
-FAST = dict(epochs=2, batch_size=32)
+FAST = dict(epochs=2, batch_size=32, ft_steps=3, ft_avg_every=3)
 KEYS = {*MATRIX_KEYS, "task_agnostic_acc", "oracle_acc", "routing_accuracy"}
 
 
@@ -39,7 +39,7 @@ def test_report_layout_and_files(seq, report):
     assert res["tasks"] == [t.name for t in seq]
     assert KEYS <= set(res["metrics"]) and len(res["acc_matrix"]) == T
     assert set(res["baselines"]) == {"zoo-oracle", *METHODS} and "slda" in METHODS
-    assert res["schema_version"] == 3 and "avg" not in res["metrics"]
+    assert res["schema_version"] == 4 and "avg" not in res["metrics"]
     zs = res["baselines"]["zero-shot"]["acc_matrix"]
     for name, b in res["baselines"].items():
         assert KEYS <= set(b), name
@@ -53,7 +53,7 @@ def test_report_layout_and_files(seq, report):
     for f in ("report.md", "acc_matrix.png", "acc_curves.png"):
         assert (out / f).stat().st_size > 0
     md = (out / "report.md").read_text()
-    assert "| zoo (routed) | no |" in md and "| joint (retrained on all seen data) | no |" in md
+    assert "| zoo (routed) | no |" in md and "| adapter-joint (shared adapter retrained on all seen data) | no |" in md
     assert "upper bound" not in md.replace("routing upper bound", "")
     assert "avg (MTIL)" in md and "avg inc" in md and "Chaudhry et al., 2018" in md
     t = res["settings"]["tuning"]
@@ -75,9 +75,9 @@ def test_zoo_never_changes_old_experts(report):
 def test_costs_are_counted(seq, report):
     b = report[1]["baselines"]
     assert b["zero-shot"]["trainable_params"] == 0 == b["zero-shot"]["stored_params"]
-    assert b["ewc"]["stored_params"] == 3 * b["naive"]["stored_params"]  # model, Fisher, anchor
-    assert b["lwf"]["stored_params"] == 2 * b["naive"]["stored_params"]
-    assert b["joint"]["stored_images"] == sum(len(t.train) for t in seq)
+    assert b["adapter-ewc"]["stored_params"] == 3 * b["adapter-naive"]["stored_params"]  # model, Fisher, anchor
+    assert b["adapter-lwf"]["stored_params"] == 2 * b["adapter-naive"]["stored_params"]
+    assert b["adapter-joint"]["stored_images"] == sum(len(t.train) for t in seq)
     C, D = sum(len(t.classes) for t in seq), 128  # slda: class means and counts, one D x D covariance
     assert b["slda"]["trainable_params"] == 0 and b["slda"]["stored_images"] == 0
     assert b["slda"]["stored_params"] == C * D + C + D * D
@@ -154,13 +154,13 @@ def test_tuning_never_reads_test_features():
     from clipzoo.zoo.train import TrainSettings
 
     def build(method, key, value):
-        kw = {"lam": value} if method == "ewc" else {"shrinkage": value}
-        return (baselines.EWC(embs, 10.0, TrainSettings(epochs=2), **kw) if method == "ewc"
+        kw = {"lam": value} if method == "adapter-ewc" else {"shrinkage": value}
+        return (baselines.EWC(embs, 10.0, TrainSettings(epochs=2), **kw) if method == "adapter-ewc"
                 else SLDA(embs, 10.0, **kw))
 
-    a = tuning.choose(build, ["ewc", "slda", "naive"], feats, ["a", "b"], 0.2, 0, 0)
+    a = tuning.choose(build, ["adapter-ewc", "slda", "adapter-naive"], feats, ["a", "b"], 0.2, 0, 0)
     scrambled = [(x, y, torch.randn(9, 8), torch.ones(9, dtype=torch.long)) for x, y, _, _ in feats]
-    b = tuning.choose(build, ["ewc", "slda", "naive"], scrambled, ["a", "b"], 0.2, 0, 0)
+    b = tuning.choose(build, ["adapter-ewc", "slda", "adapter-naive"], scrambled, ["a", "b"], 0.2, 0, 0)
     assert a["chosen"] == b["chosen"] and a["scores"] == b["scores"] and set(a["chosen"]) == {"ewc_lambda",
                                                                                               "slda_shrinkage"}
     assert a["val_sizes"] == [[48, 12], [48, 12]]
@@ -191,13 +191,13 @@ def test_resume_after_a_crash_reuses_finished_steps(seq, report, tmp_path, monke
 
 
 def test_orders_and_seeds_aggregate(seq):
-    res = run_benchmark(seq[:2], BenchSettings(epochs=1, orders=2, seeds=2, methods=["naive"]))
+    res = run_benchmark(seq[:2], BenchSettings(epochs=1, orders=2, seeds=2, methods=["adapter-naive"]))
     assert [(r["order"], r["seed"]) for r in res["runs"]] == [
         (["shapes", "colours"], 0), (["shapes", "colours"], 1), (["colours", "shapes"], 0), (["colours", "shapes"], 1)]
-    agg = res["aggregate"]["naive"]["forgetting"]
-    vals = [r["methods"]["naive"]["forgetting"] for r in res["runs"]]
+    agg = res["aggregate"]["adapter-naive"]["forgetting"]
+    vals = [r["methods"]["adapter-naive"]["forgetting"] for r in res["runs"]]
     assert agg["n"] == 4 and agg["mean"] == pytest.approx(sum(vals) / 4, abs=1e-6)
-    assert set(res["baselines"]) == {"zoo-oracle", "naive"}
+    assert set(res["baselines"]) == {"zoo-oracle", "adapter-naive"}
 
 
 def test_task_orders():
@@ -217,7 +217,7 @@ def test_sequence_folder_holdout_and_cli(tmp_path):
     rest, held = split_holdout(load_sequence([str(root)]), "textures")
     assert [t.name for t in rest] == ["colours", "shapes"] and held.name == "textures"
     r = CliRunner().invoke(main, ["bench", str(root), "--holdout", "textures", "--epochs", "1", "--methods",
-                                  "naive,ewc", "--out", str(tmp_path / "out"), "--json"])
+                                  "adapter-naive,adapter-ewc", "--out", str(tmp_path / "out"), "--json"])
     assert r.exit_code == 0, r.output
     res = json.loads(r.output)
     assert res["tasks"] == ["colours", "shapes"] and res["ood"]["holdout"] == "textures"
@@ -236,7 +236,7 @@ def test_avalanche_cross_check_rows(seq):
     from clipzoo.bench.avalanche_check import AvalancheStrategy
     from clipzoo.zoo.train import TrainSettings
 
-    res = run_benchmark(seq[:2], BenchSettings(epochs=1, methods=["naive", "avalanche-naive", "avalanche-ewc"]))
+    res = run_benchmark(seq[:2], BenchSettings(epochs=1, methods=["adapter-naive", "avalanche-naive", "avalanche-ewc"]))
     for n in ("avalanche-naive", "avalanche-ewc"):
         assert res["baselines"][n]["cross_check"] and len(res["baselines"][n]["acc_matrix"]) == 2
     assert res["baselines"]["avalanche-ewc"]["stored_params"] > res["baselines"]["avalanche-naive"]["stored_params"]

@@ -23,18 +23,25 @@ from clipzoo.cli.options import (at_least_one, data_callback, emit, existing_fil
 @click.option("--epochs", default=20, show_default=True, type=int, callback=at_least_one)
 @click.option("--lr", default=2e-3, show_default=True, type=float, callback=positive)
 @click.option("--kind", default="clip-adapter", show_default=True, help="The zoo's expert kind.")
-@click.option("--methods", default=None, help="Comma-separated baselines (default: zero-shot,naive,ewc,lwf,zscl,"
-              "joint, plus avalanche-naive,avalanche-ewc,avalanche-lwf when avalanche-lib is installed).")
+@click.option("--methods", default=None, help="Comma-separated baselines (default: all of zero-shot, slda; "
+              "adapter-naive, adapter-ewc, adapter-lwf, adapter-zscl, adapter-joint (one shared CLIP-Adapter on "
+              "cached features); ft-naive, ft-zscl, clip-cite (full fine-tuning of the CLIP towers on pixels); "
+              "plus avalanche-naive, avalanche-ewc, avalanche-lwf when avalanche-lib is installed).")
 @click.option("--holdout", default=None, help="A domain kept out of training (a task name of the sequence, a "
               "DIR or builtin:<domain>) to measure the zoo's OOD fallback.")
 @click.option("--resume", is_flag=True, help="Continue a crashed run in --out from its finished steps.")
 @click.option("--threads", default=1, show_default=True, type=int, callback=at_least_one,
               help="torch threads for training and evaluation.")
 @click.option("--out", default="bench-out", show_default=True, type=click.Path(file_okay=False))
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="Where the independent runs (order x seed) execute: here, one after the other, or as Ray "
+                   "tasks (pip install 'clipzoo[ray]'; --out must then be on a filesystem every node shares).")
+@click.option("--address", default=None, help="With --executor ray: a running cluster (auto, HOST:6379 or "
+              "ray://HOST:10001); default: a local Ray instance on this machine's CPUs.")
 @json_option
 def bench(domains: tuple[str, ...], builtin: str | None, seed: int, seeds: int, orders: int, epochs: int, lr: float,
           kind: str, methods: str | None, holdout: str | None, resume: bool, threads: int, out: str,
-          as_json: bool) -> None:
+          executor: str, address: str | None, as_json: bool) -> None:
     """Forgetting benchmark: the zoo against baselines on one task sequence (ImageFolder DIRs in
     order, a folder of such DIRs, or --builtin synthetic). Writes report.json, report.md and plots.
 
@@ -43,7 +50,9 @@ def bench(domains: tuple[str, ...], builtin: str | None, seed: int, seeds: int, 
       clipzoo bench data/mnist data/cifar10 data/gtsrb --out report/
       clipzoo bench data/ --orders 3 --holdout skin_lesion --out report/
       clipzoo bench data/ --out report/ --resume      # after a crash
+      clipzoo bench data/ --orders 3 --seeds 2 --executor ray --address auto --out /shared/report/
     """
+    from clipzoo.bench.executor import make_executor
     from clipzoo.bench.harness import BenchSettings, default_methods, run_benchmark
     from clipzoo.bench.report import markdown_table
     from clipzoo.tasks.sequence import load_sequence, split_holdout
@@ -52,7 +61,8 @@ def bench(domains: tuple[str, ...], builtin: str | None, seed: int, seeds: int, 
     chosen = [m.strip() for m in methods.split(",") if m.strip()] if methods else default_methods()
     settings = BenchSettings(seed=seed, seeds=seeds, orders=orders, epochs=epochs, lr=lr, kind=kind, methods=chosen,
                              threads=threads)
-    res = run_benchmark(seq, settings, out=Path(out), holdout=held, resume=resume)
+    ex = make_executor(executor, address)
+    res = run_benchmark(seq, settings, out=Path(out), holdout=held, resume=resume, executor=ex)
     emit(res, as_json, markdown_table(res) + f"\n\nreport written to {out}/ (report.md, report.json, *.png)")
 
 
@@ -154,33 +164,35 @@ def bench_kinds(domains: tuple[str, ...], methods: str | None, epochs: int | Non
 
 @click.command("bench-router")
 @click.argument("domains", nargs=-1, callback=data_callback)
-@click.option("--holdout", default=None, callback=data_callback,
-              help="A domain never learned: OOD AUROC and fallback rates on it.")
+@click.option("--lodo", is_flag=True,
+              help="Also leave-one-domain-out OOD: each domain held out once from the others' statistics.")
 @click.option("--scale", default=0, show_default=True, type=int, callback=non_negative,
               help="Also time the router update per added task up to N synthetic tasks (0: skip).")
 @click.option("--epochs", default=20, show_default=True, type=int, callback=at_least_one,
               help="Expert training epochs per domain.")
-@click.option("--exemplars", default=0, show_default=True, type=int, callback=non_negative,
-              help="Also run a learned router keeping this many real features per task (0: off).")
+@click.option("--seeds", default=1, show_default=True, type=int, callback=at_least_one,
+              help="Repeat the sequence with experts trained from seeds SEED..SEED+N-1 (mean and std).")
+@click.option("--val-fraction", default=0.1, show_default=True, type=float, callback=fraction,
+              help="Share of each training split (per class) carved out as the validation split for choices.")
 @click.option("--ood-quantile", default=0.99, show_default=True, type=float, callback=fraction,
               help="Held-out in-distribution quantile that sets the fallback threshold.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--out", default=None, type=click.Path(file_okay=False), help="Write router-bench.json here.")
 @json_option
-def bench_router(domains: tuple[str, ...], holdout: str | None, scale: int, epochs: int, exemplars: int,
+def bench_router(domains: tuple[str, ...], lodo: bool, scale: int, epochs: int, seeds: int, val_fraction: float,
                  ood_quantile: float, seed: int, out: str | None, as_json: bool) -> None:
-    """Learned router vs nearest-statistics routing over DOMAINS learned in order (DIRs or
-    builtin:<domain>): routing, task-agnostic and oracle accuracy per step; OOD fallback on a
-    held-out domain; update cost as experts grow (synthetic tasks).
+    """Routed answers against the same experts given the task, over DOMAINS learned in order (DIRs
+    or builtin:<domain>): routers ranpac (default), learned and nearest-stats; the zoo's answer
+    with and without the class posterior; slda on the same features; a ranpac settings grid scored
+    on validation (the choice) and test; leave-one-domain-out OOD; update cost as experts grow.
 
     \b
-    Example: clipzoo bench-router data/mnist data/fashion_mnist data/cifar10 data/gtsrb data/rsscn7 \\
-               --holdout data/flowers --scale 32 --out router-report/
+    Example: clipzoo bench-router ../shared/data/* --seeds 3 --lodo --scale 32 --out router-report/
     """
     from clipzoo.bench.router import RouterBenchSettings, run_router_bench, summary_text
 
-    s = RouterBenchSettings(epochs=epochs, seed=seed, exemplars=exemplars, ood_quantile=ood_quantile)
-    res = run_router_bench(list(domains), holdout, scale, s, Path(out) if out else None)
+    s = RouterBenchSettings(epochs=epochs, seed=seed, seeds=seeds, val_fraction=val_fraction, ood_quantile=ood_quantile)
+    res = run_router_bench(list(domains), lodo, scale, s, Path(out) if out else None)
     emit(res, as_json, summary_text(res))
 
 
