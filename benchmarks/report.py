@@ -167,8 +167,9 @@ def write_report(res: dict, out: Path) -> dict[str, str]:
         "clip-cite both towers (classifier: class-name text embeddings); slda is training-free (class Gaussians "
         "from per-task statistics); rows marked cross-check are avalanche-lib's own strategies on the same model "
         "and features. Above the diagonal every method is given the unseen task's class names (the fine-tuning "
-        "baselines score them through their fine-tuned towers); the zoo and slda, which cannot score classes "
-        "they have no expert or statistics for, answer with zero-shot CLIP there.",
+        "baselines score them through their fine-tuned towers). The zoo answers them through its real path: routed "
+        "like any input, an image counts only if the router falls back and zero-shot CLIP over the given names is "
+        "right; the oracle zoo knows the task is new and answers zero-shot, as does slda (no statistics yet).",
         tuning_md(s), metrics_md(),
         f"Runs: {len(runs)} ({s.get('n_orders', 1)} order(s) x {s.get('n_seeds', 1)} seed(s)); "
         + ("cells are mean ± std over the runs (costs: mean)." if len(runs) > 1 else "one run."), "",

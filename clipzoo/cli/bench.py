@@ -30,6 +30,10 @@ from clipzoo.cli.options import (at_least_one, data_callback, emit, existing_fil
 @click.option("--holdout", default=None, help="A domain kept out of training (a task name of the sequence, a "
               "DIR or builtin:<domain>) to measure the zoo's OOD fallback.")
 @click.option("--resume", is_flag=True, help="Continue a crashed run in --out from its finished steps.")
+@click.option("--no-tune", "no_tune", is_flag=True, help="Use the default baseline hyper-parameters instead of "
+              "choosing each on validation data (faster; the report says so).")
+@click.option("--val-fraction", default=0.1, show_default=True, type=float, callback=fraction,
+              help="Share of each training split (per class) held out to choose the baselines' hyper-parameters.")
 @click.option("--threads", default=1, show_default=True, type=int, callback=at_least_one,
               help="torch threads for training and evaluation.")
 @click.option("--out", default="bench-out", show_default=True, type=click.Path(file_okay=False))
@@ -40,8 +44,8 @@ from clipzoo.cli.options import (at_least_one, data_callback, emit, existing_fil
               "ray://HOST:10001); default: a local Ray instance on this machine's CPUs.")
 @json_option
 def bench(domains: tuple[str, ...], builtin: str | None, seed: int, seeds: int, orders: int, epochs: int, lr: float,
-          kind: str, methods: str | None, holdout: str | None, resume: bool, threads: int, out: str,
-          executor: str, address: str | None, as_json: bool) -> None:
+          kind: str, methods: str | None, holdout: str | None, resume: bool, no_tune: bool, val_fraction: float,
+          threads: int, out: str, executor: str, address: str | None, as_json: bool) -> None:
     """Forgetting benchmark: the zoo against baselines on one task sequence (ImageFolder DIRs in
     order, a folder of such DIRs, or --builtin synthetic). Writes report.json, report.md and plots.
 
@@ -60,7 +64,7 @@ def bench(domains: tuple[str, ...], builtin: str | None, seed: int, seeds: int, 
     seq, held = split_holdout(load_sequence(list(domains), builtin), holdout)
     chosen = [m.strip() for m in methods.split(",") if m.strip()] if methods else default_methods()
     settings = BenchSettings(seed=seed, seeds=seeds, orders=orders, epochs=epochs, lr=lr, kind=kind, methods=chosen,
-                             threads=threads)
+                             threads=threads, tune=not no_tune, val_fraction=val_fraction)
     ex = make_executor(executor, address)
     res = run_benchmark(seq, settings, out=Path(out), holdout=held, resume=resume, executor=ex)
     emit(res, as_json, markdown_table(res) + f"\n\nreport written to {out}/ (report.md, report.json, *.png)")
