@@ -1,37 +1,51 @@
-"""The same service on Ray Serve, to scale out over replicas and machines (not tested here: Ray is
-not a dependency of clipzoo; ``pip install 'ray[serve]'``).
+"""The same service on Ray Serve, to scale out over replicas and machines. Ray Serve is the
+optional extra ``pip install -e '.[ray]'`` (``ray[serve]``); ``clipzoo serve`` runs without it.
+``tests/test_ray_serve.py`` runs this deployment on a local Ray instance and checks its answers
+against ``Zoo.predict``.
 
 Each replica opens the zoo (:class:`clipzoo.serve.reload.ZooSource`, so hot reload works per
-replica), decodes and checks images in the request like ``clipzoo serve`` does, and Ray's
-``@serve.batch`` gathers requests into the same :func:`clipzoo.serve.batcher.predict_batch` call:
-one backbone pass per batch, one expert call per routed sub-batch. Run::
+replica), decodes and checks images in the request like ``clipzoo serve`` does (off the replica's
+event loop), and Ray's ``@serve.batch`` gathers requests into the same
+:func:`clipzoo.serve.batcher.predict_batch` call: one backbone pass per batch, one expert call per
+routed sub-batch. Unlike ``clipzoo serve``, ``max_batch`` counts requests, not images (that is how
+``@serve.batch`` counts); a replica takes up to ``2 * max_batch`` requests at once so that a batch
+can fill while the previous one runs. Run::
 
     from clipzoo.serve.ray_app import deployment
     from ray import serve
     serve.run(deployment("myzoo", replicas=4, max_batch=32, max_wait_ms=10), route_prefix="/")
 
-``POST /predict`` takes the JSON form (``{"images": [base64, ...], ...}``) and answers like the
-single-process server.
+Any path of the route prefix takes ``POST`` with the JSON form (``{"images": [base64, ...], ...}``,
+options as JSON fields or query parameters) and answers like the single-process server:
+``{"zoo_version", "predictions"}`` with an ``X-Clipzoo-Version`` header, or ``{"error": "<one line>"}``
+with a 4xx (the request's fault), 503 (no experts yet) or 500.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from typing import Any
 
 from clipzoo.errors import ClipzooError, ConfigError
+
+_log = logging.getLogger(__name__)
 
 
 def _ray_serve() -> Any:
     try:
         from ray import serve
     except ImportError:
-        raise ConfigError("Ray Serve is not installed: pip install 'ray[serve]' (clipzoo serve runs without it)") from None
+        raise ConfigError("Ray Serve is not installed: pip install -e '.[ray]' (clipzoo serve runs without it)") from None
     return serve
 
 
 def deployment(zoo_dir: str, replicas: int = 1, max_batch: int = 32, max_wait_ms: float = 10.0,
                max_images: int = 64, max_bytes: int = 64 << 20) -> Any:
     """A bound Ray Serve application serving the zoo at ``zoo_dir`` (pass it to ``serve.run``)."""
+    if replicas < 1 or max_batch < 1 or max_wait_ms < 0:
+        raise ConfigError(f"replicas and max_batch must be >= 1 and max_wait_ms >= 0 (got {replicas}, {max_batch}, "
+                          f"{max_wait_ms})")
     serve = _ray_serve()
     from starlette.requests import Request
     from starlette.responses import JSONResponse
@@ -40,15 +54,29 @@ def deployment(zoo_dir: str, replicas: int = 1, max_batch: int = 32, max_wait_ms
     from clipzoo.serve.inputs import BadRequest, Decoder, Limits, parse_json, parse_options
     from clipzoo.serve.reload import ZooSource, router_version
 
-    @serve.deployment(num_replicas=replicas)
+    limits = Limits(max_images=max_images, max_bytes=max_bytes)  # checked here, not in a replica
+
+    def error(status: int, reason: str) -> JSONResponse:
+        return JSONResponse({"error": " ".join(str(reason).split()) or "error"}, status_code=status)
+
+    # Ray caps the requests a replica holds at once (default 5): below max_batch, batches never fill.
+    @serve.deployment(num_replicas=replicas, max_ongoing_requests=2 * max_batch)
     class ClipzooDeployment:
         def __init__(self, root: str) -> None:
             self.source = ZooSource(root)
             self.decoder = Decoder()
-            self.limits = Limits(max_images=max_images, max_bytes=max_bytes)
+            self.limits = limits
+
+        def __del__(self) -> None:
+            decoder = getattr(self, "decoder", None)
+            if decoder is not None:
+                decoder.close()
 
         @serve.batch(max_batch_size=max_batch, batch_wait_timeout_s=max_wait_ms / 1000)
         async def _batch(self, jobs: list[Job]) -> list[Any]:
+            return await asyncio.to_thread(self._answer, jobs)
+
+        def _answer(self, jobs: list[Job]) -> list[Any]:
             zoo = self.source()  # one registry version per batch
             version = router_version(zoo)
             results = predict_batch(zoo, [(j.pixels, j.options) for j in jobs])
@@ -58,23 +86,30 @@ def deployment(zoo_dir: str, replicas: int = 1, max_batch: int = 32, max_wait_ms
 
         async def __call__(self, request: Request) -> JSONResponse:
             try:
+                if request.method != "POST":
+                    raise BadRequest(405, f"{request.method} is not served: POST JSON {{\"images\": [base64, ...]}}")
                 body = await request.body()
                 if len(body) > self.limits.max_bytes:
-                    raise BadRequest(413, f"the request body is over the limit of {self.limits.max_bytes:,} bytes")
+                    raise BadRequest(413, f"the request body is {len(body):,} bytes, over the limit of "
+                                          f"{self.limits.max_bytes:,}: send fewer or smaller images")
                 if not body:
                     raise BadRequest(400, "empty request body: send JSON {\"images\": [base64, ...]}")
                 items, fields = parse_json(body, self.limits)
                 options = parse_options({**dict(request.query_params), **fields})
-                pixels = self.decoder.pixels(items, self.source.zoo.backbone.preprocess)
+                preprocess = self.source.zoo.backbone.preprocess  # one backbone for every version of a zoo
+                pixels = await asyncio.to_thread(self.decoder.pixels, items, preprocess)
                 result = await self._batch(Job(pixels, [n for n, _ in items], options))
                 if isinstance(result, BaseException):
                     raise result
             except BadRequest as e:
-                return JSONResponse({"error": str(e)}, status_code=e.status)
+                return error(e.status, str(e))
             except Unavailable as e:
-                return JSONResponse({"error": str(e)}, status_code=503)
-            except ClipzooError as e:
-                return JSONResponse({"error": " ".join(str(e).split())}, status_code=400)
-            return JSONResponse(result)
+                return error(503, str(e))
+            except ClipzooError as e:  # an unknown task, bad fallback classes, ...: the request's own fault
+                return error(400, str(e))
+            except Exception as e:  # noqa: BLE001 - the replica answers and goes on
+                _log.exception("predict failed")
+                return error(500, f"internal error ({type(e).__name__}: {e})")
+            return JSONResponse(result, headers={"X-Clipzoo-Version": str(result["zoo_version"])})
 
     return ClipzooDeployment.bind(zoo_dir)
