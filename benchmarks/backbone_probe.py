@@ -1,9 +1,10 @@
 """How good are a tiny CLIP's frozen image features? Probe one or more (config, weights) pairs.
 
 For each backbone, on the real domains of ``--data-dir`` (ImageFolder layout) it reports:
-- ``probe``: logistic-regression linear probe (train split -> test split) on the unit-norm
-  image embedding, per domain and the mean;
-- ``routing``: 8-way domain identification of the test images, one Gaussian per domain fitted
+- ``probe`` / ``val_probe``: logistic-regression linear probe (training split less a 10% validation
+  split -> test split / validation split) on the unit-norm image embedding, per domain and the mean;
+  a backbone is chosen by the validation figures, never the test ones;
+- ``routing`` / ``val_routing``: 8-way domain identification of the test (validation) images, one Gaussian per domain fitted
   on its train embeddings (Ledoit-Wolf covariance), prediction = argmax log-likelihood;
 and on the built-in synthetic domains ``zeroshot``: accuracy of the text classifier built from
 the default prompt templates (``tasks.spec.DEFAULT_TEMPLATES``) on each domain's test split.
@@ -34,6 +35,7 @@ from sklearn.linear_model import LogisticRegression
 from clipzoo.tasks import synthetic
 from clipzoo.tasks.data import load_builtin, load_imagefolder, open_image
 from clipzoo.tasks.spec import DEFAULT_TEMPLATES
+from clipzoo.tasks.validation import validation_indices
 
 REAL_DOMAINS = ["mnist", "fashion_mnist", "cifar10", "gtsrb", "flowers", "dtd", "rsscn7", "skin_lesion"]
 
@@ -106,20 +108,30 @@ def zeroshot(model: torch.nn.Module, tokenizer, preprocess, n_test: int = 40) ->
 
 
 def probe_backbone(model: torch.nn.Module, tokenizer, real: dict[str, tuple]) -> dict:
-    """All three measurements for one model on preloaded real pixels."""
-    tr = {d: embed(model, v[0]) for d, v in real.items()}
+    """All three measurements for one model on preloaded real pixels. The probe and the domain
+    Gaussians fit on each training split less its validation split (``clipzoo.tasks.validation``
+    defaults); ``val_*`` figures are the ones to choose a backbone by, the test figures only report."""
+    full = {d: embed(model, v[0]) for d, v in real.items()}
+    cut = {d: validation_indices(real[d][1].tolist()) for d in real}
+    tr = {d: full[d][cut[d][0]] for d in real}
+    va = {d: full[d][cut[d][1]] for d in real}
     te = {d: embed(model, v[2]) for d, v in real.items()}
-    probe = {d: linear_probe(tr[d], real[d][1], te[d], real[d][3]) for d in real}
+    probe = {d: linear_probe(tr[d], real[d][1][cut[d][0]], te[d], real[d][3]) for d in real}
+    val = {d: linear_probe(tr[d], real[d][1][cut[d][0]], va[d], real[d][1][cut[d][1]]) for d in real}
     zs = zeroshot(model, tokenizer, preprocess_of(model))
     return {"probe": probe, "probe_mean": float(np.mean(list(probe.values()))),
-            "routing": domain_routing(tr, te), "zeroshot": zs, "zeroshot_mean": float(np.mean(list(zs.values())))}
+            "val_probe": val, "val_probe_mean": float(np.mean(list(val.values()))),
+            "routing": domain_routing(tr, te), "val_routing": domain_routing(tr, va),
+            "zeroshot": zs, "zeroshot_mean": float(np.mean(list(zs.values())))}
 
 
 def _table(results: dict[str, dict]) -> str:
     names = list(results)
     rows = [("probe " + d, [results[n]["probe"][d] for n in names]) for d in next(iter(results.values()))["probe"]]
     rows += [("probe mean", [results[n]["probe_mean"] for n in names]),
-             ("routing (8-way)", [results[n]["routing"] for n in names])]
+             ("probe mean, validation (the choice)", [results[n]["val_probe_mean"] for n in names]),
+             ("routing (8-way)", [results[n]["routing"] for n in names]),
+             ("routing (8-way), validation", [results[n]["val_routing"] for n in names])]
     rows += [("zero-shot " + d, [results[n]["zeroshot"][d] for n in names]) for d in synthetic.DOMAINS]
     rows += [("zero-shot mean", [results[n]["zeroshot_mean"] for n in names])]
     lines = ["| metric | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
