@@ -250,21 +250,90 @@ def test_few_shot_draws_k_per_class_deterministically(builtin_tasks):
     assert few_shot(t, None, 0, "all").train.labels == t.train.labels
 
 
+def _bench_tasks():
+    from clipzoo.tasks.data import load_builtin
+
+    return [load_builtin(d, n_train=6, n_test=3) for d in ("shapes", "colours")], load_builtin("textures", 4, 2)
+
+
+def _figures(run: dict) -> dict:
+    """A per-seed record less its timings (and how the zoo-wide fusion was obtained: trained or cached)."""
+    def strip(v):
+        if isinstance(v, dict):
+            return {k: strip(x) for k, x in v.items() if k not in ("ms_per_image", "add_seconds")}
+        return [strip(x) for x in v] if isinstance(v, list) else v
+
+    return strip({k: v for k, v in run.items() if k not in ("timing", "global_fusion")})
+
+
+def test_bench_is_seeded_scores_modes_on_validation_and_summarises_seeds(tmp_path, monkeypatch):
+    import statistics
+
+    from clipzoo.bench.fusion import FusionBenchSettings, run_fusion_bench
+
+    monkeypatch.setattr(Zoo, "fusion_settings", FusionSettings(n_pseudo=200, epochs=3, batch_size=200))
+    tasks, new = _bench_tasks()
+    s = FusionBenchSettings(shots=[2], epochs=1, seed=3, seeds=2, val_fraction=0.34)
+    two = run_fusion_bench(tasks, new, s, out=tmp_path / "two")
+    one = run_fusion_bench(tasks, new, FusionBenchSettings(shots=[2], epochs=1, seed=3, val_fraction=0.34), out=None)
+    assert two["seeds"] == [3, 4] and one["seeds"] == [3] and [r["seed"] for r in two["per_seed"]] == [3, 4]
+    assert _figures(two["per_seed"][0]) == _figures(one["per_seed"][0])  # the same seed, the same figures
+    # the modes on the carved validation split and on test; the choice is made on validation
+    assert two["validation"] == {"fraction": 0.34, "seed": 0, "n_val": {"shapes": 10, "colours": 12},
+                                 "split": two["validation"]["split"]}
+    ch = two["choice"]
+    assert ch["criterion"] == "validation" and {c["mode"] for c in ch["candidates"]} == {"top1", "avg", "fusion"}
+    val = two["summary"]["task_agnostic"]["val"]
+    best = max(v["accuracy"]["mean"] for m, v in val.items() if m != "oracle")
+    chosen = ch["chosen_on_validation"]
+    assert chosen["val_accuracy"] == best == val[chosen["mode"]]["accuracy"]["mean"]
+    for run in two["per_seed"]:
+        assert set(run["task_agnostic"]) == {"val", "test"} and run["chosen_on_validation"]["mode"] in val
+    # mean and std of every figure over the seeds
+    for split in ("val", "test"):
+        for mode, fig in two["summary"]["task_agnostic"][split].items():
+            vals = [r["task_agnostic"][split][mode]["accuracy"] for r in two["per_seed"]]
+            assert fig["accuracy"] == {"mean": round(statistics.mean(vals), 6), "std": round(statistics.stdev(vals), 6)}
+            assert fig["task_ids"] in ("given", "routed") and set(fig["per_task"]["shapes"]) == {"mean", "std"}
+    (few,) = two["summary"]["few_shot"]
+    assert few["shots"] == 2 and set(few["fusion"]["test_acc"]) == {"mean", "std"}
+    assert one["summary"]["few_shot"][0]["clip-adapter"]["test_acc"]["std"] == 0.0
+    on_disk = json.loads((tmp_path / "two" / "report.json").read_text())
+    assert on_disk["choice"]["criterion"] == "validation" and len(on_disk["per_seed"]) == 2
+    md = (tmp_path / "two" / "report.md").read_text()
+    assert "| val accuracy | test accuracy |" in md and " ± " in md and "Chosen on validation" in md
+    # the zoo learnt from the training split less the validation split
+    zoo = Zoo.open(tmp_path / "two" / "zoo")
+    assert len(tasks[0].train) == 30 and zoo.record("shapes")["training"]["n_train"] == 20
+
+
 def test_report_tables_and_plot(tmp_path):
     from clipzoo.bench.fusion import markdown_tables, write_fusion_report
 
     names = ["a", "b"]
-    mode = {"accuracy": 0.5, "task_accuracy": 0.75, "per_task": {"a": 0.4, "b": 0.6}, "task_ids": "routed",
-            "ms_per_image": 0.1}
-    few = {"shots": 4, "zero_shot_acc": 0.1, "no-source ablation": {"test_acc": 0.2},
-           "fusion": {"test_acc": 0.3, "trainable_params": 10}, "clip-adapter": {"test_acc": 0.25, "trainable_params": 5}}
-    res = {"domains": names, "new_task": "n", "settings": {"top_k": 2},
-           "task_agnostic": {m: mode for m in ("oracle", "top1", "avg", "fusion")},
+
+    def ms(v):
+        return {"mean": v, "std": 0.01}
+
+    mode = {"accuracy": ms(0.5), "task_accuracy": ms(0.75), "per_task": {"a": ms(0.4), "b": ms(0.6)},
+            "task_ids": "routed", "ms_per_image": ms(0.1)}
+    few = {"shots": 4, "zero_shot_acc": ms(0.1), "no-source ablation": {"test_acc": ms(0.2)},
+           "fusion": {"test_acc": ms(0.3), "trainable_params": ms(10)},
+           "clip-adapter": {"test_acc": ms(0.25), "trainable_params": ms(5)}}
+    modes = {m: mode for m in ("oracle", "top1", "avg", "fusion")}
+    res = {"domains": names, "new_task": "n", "settings": {"top_k": 2}, "seeds": [0, 1],
+           "validation": {"fraction": 0.1},
+           "summary": {"task_agnostic": {"val": modes, "test": modes}, "few_shot": [few]},
+           "choice": {"criterion": "validation",
+                      "chosen_on_validation": {"mode": "fusion", "top_k": 2, "val_accuracy": 0.5,
+                                               "test_accuracy": 0.5}},
            "fusion_weights": {"tasks": names, "experts": names, "mean": [[0.9, 0.1], [0.2, 0.8]]},
-           "few_shot": [few], "composed_source_weights": {"4shot": {"a": 0.5, "b": 0.3, BASE: 0.2}}}
+           "composed_source_weights": {"4shot": {"a": 0.5, "b": 0.3, BASE: 0.2}}}
     text = markdown_tables(res)
-    assert "| top-2 AdapterFusion | routed | 0.500 | 0.750 | 0.400 | 0.600 |" in text
-    assert "| 4 | 0.300 | 0.250 | 0.200 | 0.100 | 10 | 5 |" in text
+    assert ("| top-2 AdapterFusion | routed | 0.500 ± 0.010 | 0.500 ± 0.010 | 0.750 ± 0.010 | 0.400 ± 0.010 | "
+            "0.600 ± 0.010 |") in text
+    assert "| 4 | 0.300 ± 0.010 | 0.250 ± 0.010 | 0.200 ± 0.010 | 0.100 ± 0.010 | 10 | 5 |" in text
+    assert "Chosen on validation: top-2 AdapterFusion (val 0.500, test 0.500)." in text
     write_fusion_report(res, tmp_path)
     assert (tmp_path / "fusion_weights.png").stat().st_size > 1000
     assert json.loads((tmp_path / "report.json").read_text())["new_task"] == "n"

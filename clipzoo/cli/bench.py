@@ -111,16 +111,23 @@ def pretrain_tiny(out: str | None, config: str | None, samples: int, epochs: int
               help="ImageFolder DIR of the new task learned few-shot.")
 @click.option("--shots", default="4,16,all", show_default=True, help="Training images per class of the new task.")
 @click.option("--top-k", default=2, show_default=True, type=int, callback=at_least_one)
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=int, help="First seed of every expert's training.")
+@click.option("--seeds", default=1, show_default=True, type=int, callback=at_least_one,
+              help="Repeat the run with seeds SEED..SEED+N-1 (mean and std; per-seed results in the JSON).")
+@click.option("--val-fraction", default=0.1, show_default=True, type=float, callback=fraction,
+              help="Share of each domain's training split (per class) carved out as the validation split "
+                   "the modes are chosen on.")
 @click.option("--epochs", default=20, show_default=True, type=int, callback=at_least_one)
 @click.option("--out", default="bench-fusion-out", show_default=True, type=click.Path(file_okay=False))
 @json_option
-def bench_fusion(domains: tuple[str, ...], new_task: str, shots: str, top_k: int, seed: int, epochs: int, out: str,
-                 as_json: bool) -> None:
-    """Top-1 routing vs top-k averaging vs top-k fusion, and fusion-composed vs fresh experts few-shot.
+def bench_fusion(domains: tuple[str, ...], new_task: str, shots: str, top_k: int, seed: int, seeds: int,
+                 val_fraction: float, epochs: int, out: str, as_json: bool) -> None:
+    """Top-1 routing vs top-k averaging vs top-k fusion (scored on a validation split carved from the
+    training data, the choice, and on test), and fusion-composed vs fresh experts few-shot; every
+    expert seeded, over --seeds seeds.
 
     \b
-    Example: clipzoo bench-fusion data/mnist data/fashion_mnist data/cifar10 data/gtsrb --new data/flowers
+    Example: clipzoo bench-fusion data/mnist data/fashion_mnist data/cifar10 data/gtsrb --new data/flowers --seeds 3
     """
     from clipzoo.tasks.data import load_imagefolder
     from clipzoo.bench.fusion import FusionBenchSettings, markdown_tables, run_fusion_bench
@@ -132,7 +139,8 @@ def bench_fusion(domains: tuple[str, ...], new_task: str, shots: str, top_k: int
         raise ConfigError(f"bad --shots {shots!r}: use numbers and 'all', e.g. 4,16,all") from None
     if len(domains) < 2 or any(v is not None and v < 1 for v in shot_list):
         raise ConfigError("bench-fusion needs at least 2 DOMAIN_DIRs and --shots values >= 1 (or 'all')")
-    s = FusionBenchSettings(top_k=top_k, shots=shot_list, seed=seed, epochs=epochs)
+    s = FusionBenchSettings(top_k=top_k, shots=shot_list, seed=seed, seeds=seeds, epochs=epochs,
+                            val_fraction=val_fraction)
     res = run_fusion_bench([load_imagefolder(d) for d in domains], load_imagefolder(new_task), s, out=Path(out))
     emit(res, as_json, markdown_tables(res) + f"\n\nreport written to {out}/")
 
@@ -144,25 +152,35 @@ def bench_fusion(domains: tuple[str, ...], new_task: str, shots: str, top_k: int
               help="The same for every kind (default: each kind's own).")
 @click.option("--lr", default=None, type=float, callback=positive,
               help="The same for every kind (default: each kind's own).")
+@click.option("--lrs", default=None,
+              help="Comma-separated LRs: each kind runs at each, and the LR best on validation is named "
+                   "per domain and kind, beside the kind's default (not with --lr).")
+@click.option("--val-fraction", default=0.1, show_default=True, type=float, callback=fraction,
+              help="Share of each training split (per class) carved out as the validation split; "
+                   "methods train on the rest.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--repeats", default=7, show_default=True, type=int, callback=at_least_one,
               help="Latency repeats (median).")
 @click.option("--batch", default=128, show_default=True, type=int, callback=at_least_one, help="Latency batch size.")
 @click.option("--out", default="bench-kinds", show_default=True, type=click.Path(file_okay=False))
 @json_option
-def bench_kinds(domains: tuple[str, ...], methods: str | None, epochs: int | None, lr: float | None, seed: int,
-                repeats: int, batch: int, out: str, as_json: bool) -> None:
-    """Expert kinds side by side on DOMAINS (DIRs or builtin:<domain>): accuracy, trainable
-    parameters, training time and inference overhead versus the frozen backbone, in one run.
+def bench_kinds(domains: tuple[str, ...], methods: str | None, epochs: int | None, lr: float | None, lrs: str | None,
+                val_fraction: float, seed: int, repeats: int, batch: int, out: str, as_json: bool) -> None:
+    """Expert kinds side by side on DOMAINS (DIRs or builtin:<domain>): validation and test accuracy,
+    trainable parameters, training time and inference overhead versus the frozen backbone, in one
+    run; every method trains on the training split less the validation split. With --lrs, the LR
+    each kind scores best on validation, against its default.
 
     \b
     Example: clipzoo bench-kinds data/mnist data/cifar10 --out bench-kinds/
+             clipzoo bench-kinds data/mnist --methods lora,prompt --lrs 1e-3,3e-3,1e-2
     """
-    from clipzoo.bench.kinds import METHODS, run_kinds_bench
+    from clipzoo.bench.kinds import METHODS, parse_lrs, run_kinds_bench
 
     kinds = methods.split(",") if methods else METHODS
     res = run_kinds_bench(list(domains), kinds, epochs, lr, seed, repeats, batch, out=Path(out),
-                          echo=(lambda line: None) if as_json else click.echo)
+                          echo=(lambda line: None) if as_json else click.echo, val_fraction=val_fraction,
+                          lrs=parse_lrs(lrs))
     emit(res, as_json, f"wrote {Path(out) / 'kinds.md'}")
 
 
