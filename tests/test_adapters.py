@@ -259,7 +259,9 @@ def test_settings_parse_and_unknown_saved_keys_only_warn():
 
 def test_in_encoder_kinds_default_to_fewer_epochs_at_a_higher_lr():
     base = {"epochs": TrainSettings.epochs, "lr": TrainSettings.lr}
-    assert train_defaults("clip-adapter") == train_defaults("prompt+cross-modal") == base
+    assert train_defaults("prompt+cross-modal") == base
+    assert train_defaults("clip-adapter") == {"epochs": TrainSettings.epochs, "lr": 5e-3}  # chosen on validation
+    assert train_defaults("vit-adapter+clip-adapter") == {"epochs": 10, "lr": 5e-3}
     assert train_defaults("lora+prompt") == train_defaults("vl-adapter") == {"epochs": 10, "lr": 5e-3}
     assert train_defaults("fusion") == base  # a kind outside the adapter registry
 

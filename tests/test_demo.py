@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import json
 
+from functools import partial
+
 from click.testing import CliRunner
 
 from clipzoo.cli import main
 
 
-def test_demo_writes_report_and_zoo_forgets_less_than_naive(tmp_path):
+def test_demo_writes_report_and_zoo_forgets_less_than_naive(tmp_path, monkeypatch):
+    from clipzoo.bench import demo
+
+    # the demo's own pipeline with the feature-space baselines only, untuned (the fine-tuning
+    # baselines and the tuning are covered by tests/test_finetune.py and tests/test_harness.py)
+    monkeypatch.setattr(demo, "BenchSettings", partial(demo.BenchSettings, tune=False,
+                                                      methods=["zero-shot", "slda", "adapter-naive"]))
     out = tmp_path / "demo"
     res = CliRunner().invoke(main, ["demo", "--out", str(out), "--json"], catch_exceptions=False)
     assert res.exit_code == 0, res.output

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -165,8 +166,10 @@ def test_tuning_never_reads_test_features():
     assert a["val_sizes"] == [[48, 12], [48, 12]]
 
 
-def test_resume_after_a_crash_reuses_finished_steps(seq, report, tmp_path, monkeypatch):
+def test_resume_after_a_crash_reuses_finished_steps(seq, tmp_path, monkeypatch):
     out = tmp_path / "crashed"
+    settings = BenchSettings(**FAST, methods=["slda", "adapter-ewc", "adapter-joint"])  # the fine-tuning
+    clean = run_benchmark(seq, settings)  # baselines' state round trip: tests/test_finetune.py
     real = baselines.Joint.learn
 
     def crash(self, t, x, y):
@@ -176,17 +179,16 @@ def test_resume_after_a_crash_reuses_finished_steps(seq, report, tmp_path, monke
 
     monkeypatch.setattr(baselines.Joint, "learn", crash)
     with pytest.raises(RuntimeError, match="simulated"):
-        run_benchmark(seq, BenchSettings(**FAST), out=out)
+        run_benchmark(seq, settings, out=out)
     assert (out / "zoo" / "experts" / seq[2].name).is_dir()  # trained by the crashed step
     monkeypatch.setattr(baselines.Joint, "learn", real)
-    res = run_benchmark(seq, BenchSettings(**FAST), out=out, resume=True)
+    res = run_benchmark(seq, settings, out=out, resume=True)
     assert res["runs"][0]["resumed_from_step"] == 2
-    clean = report[1]
     assert res["acc_matrix"] == clean["acc_matrix"]
     for name in clean["baselines"]:
         assert res["baselines"][name]["acc_matrix"] == clean["baselines"][name]["acc_matrix"], name
     with pytest.raises(ConfigError, match="cannot resume"):
-        run_benchmark(seq, BenchSettings(epochs=3, batch_size=32), out=out, resume=True)
+        run_benchmark(seq, replace(settings, epochs=3), out=out, resume=True)
 
 
 def test_orders_and_seeds_aggregate(seq):
