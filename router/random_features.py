@@ -48,9 +48,13 @@ def class_head(means: torch.Tensor, factor: torch.Tensor, rest: torch.Tensor, co
     """A task's own LDA head in random-feature space: ``(C, M)`` weights and ``(C,)`` biases from its
     class means and scatter factor, the covariance shrunk towards ``tr/M I`` by ``shrinkage``.
     Fixed when the task is added, so the zoo's answer for a task given never changes later."""
-    f = factor.double()
-    m = f.shape[0]
-    cov = (f @ f.T + float(rest) * torch.eye(m, dtype=torch.float64)) / max(count, 1.0)
-    cov = (1 - shrinkage) * cov + shrinkage * torch.trace(cov) / m * torch.eye(m, dtype=torch.float64)
-    w = torch.cholesky_solve(means.double().T, torch.linalg.cholesky(cov)).T
+    f, b = factor.double(), means.double().T
+    m, n = f.shape[0], max(count, 1.0)
+    # cov = a I + U U^T (U = f sqrt((1 - s) / n)): solved by Woodbury with a rank x rank system,
+    # the same head as a dense M x M Cholesky at a fraction of the cost
+    trace = (f.pow(2).sum() + float(rest) * m) / n
+    a = float(((1 - shrinkage) * float(rest) / n + shrinkage * trace / m).clamp(min=1e-12))
+    u = f * ((1 - shrinkage) / n) ** 0.5
+    inner = a * torch.eye(u.shape[1], dtype=torch.float64) + u.T @ u
+    w = ((b - u @ torch.linalg.solve(inner, u.T @ b)) / a).T
     return w, -0.5 * (w * means.double()).sum(1)
