@@ -29,6 +29,7 @@ import shutil
 import statistics
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -85,7 +86,7 @@ def score_routers(zoo: Zoo, routers: dict, data: list[tuple[torch.Tensor, torch.
     with torch.no_grad():
         logp = [zoo.expert(n)(x).log_softmax(1) for n in zoo.names]
 
-    def answers(extra: dict | None, w: float, task: torch.Tensor) -> torch.Tensor:
+    def answers(extra: Mapping | None, w: float, task: torch.Tensor) -> torch.Tensor:
         out = torch.empty(len(task), dtype=torch.long)
         for e in task.unique().tolist():
             idx = (task == e).nonzero()[:, 0]

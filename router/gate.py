@@ -10,6 +10,7 @@ is marked ``fallback`` (the zoo answers it with zero-shot CLIP). Policies: :clas
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -30,7 +31,7 @@ class Routing:
     ood_score: torch.Tensor | None = None
     # per task name, log p(class | x, task) ``(B, C_t)`` when the router models classes (ranpac),
     # added with ``answer_weight`` to the expert's log-probabilities
-    class_logp: dict[str, torch.Tensor] | None = None
+    class_logp: Mapping[str, torch.Tensor] | None = None
     answer_weight: float = 0.0
 
     @property

@@ -25,6 +25,7 @@ chosen on validation splits carved from training data (README, router section).
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -37,6 +38,28 @@ from clipzoo.router.ood import DEFAULT_QUANTILE, OODDetector, detector_from_stat
 from clipzoo.router.random_features import (PROJECTION_DIM, PROJECTION_SEED, RANK, class_head, projection,
                                             random_features)
 from clipzoo.router.stats import TaskStats
+
+
+class TaskPosteriors(Mapping):
+    """``log p(class | x, task)`` per task name, from the task's own head, computed on first use:
+    a batch pays only for the tasks its answers read. One product per task, of the same shapes
+    whatever the other tasks, so a task's posterior never depends on them."""
+
+    def __init__(self, h: torch.Tensor, heads: dict[str, tuple[torch.Tensor, torch.Tensor]]):
+        self._h, self._heads, self._done = h, heads, {}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._done:
+            w, b = self._heads[name]
+            with torch.no_grad():
+                self._done[name] = (self._h @ w.T + b).log_softmax(1)
+        return self._done[name]
+
+    def __iter__(self):
+        return iter(self._heads)
+
+    def __len__(self) -> int:
+        return len(self._heads)
 
 KIND = "ranpac"
 
@@ -168,8 +191,13 @@ class RanpacRouter:
         return (h @ self.w.T + self.b).log_softmax(1)
 
     def task_scores(self, class_logp: torch.Tensor) -> torch.Tensor:
-        """``log p(task | x)`` ``(B, E)`` from :meth:`class_log_posterior`."""
-        return torch.stack([p.logsumexp(1) for p in class_logp.split(self.sizes, 1)], 1)
+        """``log p(task | x)`` ``(B, E)`` from :meth:`class_log_posterior`: one segmented
+        log-sum-exp over the classes of all tasks (float64, so no task's mass underflows)."""
+        lp = class_logp.double()
+        top = lp.max(1, keepdim=True).values
+        task_of = torch.repeat_interleave(torch.arange(len(self.sizes)), torch.tensor(self.sizes))
+        mass = torch.zeros(len(lp), len(self.sizes), dtype=torch.float64).index_add_(1, task_of, (lp - top).exp())
+        return (mass.log() + top).float()
 
     def scores(self, feats: torch.Tensor) -> torch.Tensor:
         return self.task_scores(self.class_log_posterior(feats))
@@ -179,8 +207,7 @@ class RanpacRouter:
         h = random_features(feats, self.proj)
         tasks = self.task_scores(self.class_log_posterior(feats, h))
         r = top_k(tasks, self.names, k, self.ood.score(feats))
-        with torch.no_grad():  # one product per task: the same shapes whatever the other tasks
-            r.class_logp = {n: (h @ w.T + b).log_softmax(1) for n, (w, b) in zip(self.names, self.heads)}
+        r.class_logp = TaskPosteriors(h, dict(zip(self.names, self.heads)))
         r.answer_weight = self.config.answer_weight
         return r
 
