@@ -25,7 +25,7 @@ chosen on validation splits carved from training data (README, router section).
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -45,21 +45,23 @@ class TaskPosteriors(Mapping):
     a batch pays only for the tasks its answers read. One product per task, of the same shapes
     whatever the other tasks, so a task's posterior never depends on them."""
 
-    def __init__(self, h: torch.Tensor, heads: dict[str, tuple[torch.Tensor, torch.Tensor]]):
-        self._h, self._heads, self._done = h, heads, {}
+    def __init__(self, h: torch.Tensor, names: list[str], head: Callable[[str], tuple[torch.Tensor, torch.Tensor]]):
+        self._h, self._names, self._head, self._done = h, names, head, {}
 
     def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._names:
+            raise KeyError(name)
         if name not in self._done:
-            w, b = self._heads[name]
+            w, b = self._head(name)
             with torch.no_grad():
                 self._done[name] = (self._h @ w.T + b).log_softmax(1)
         return self._done[name]
 
     def __iter__(self):
-        return iter(self._heads)
+        return iter(self._names)
 
     def __len__(self) -> int:
-        return len(self._heads)
+        return len(self._names)
 
 KIND = "ranpac"
 
@@ -98,10 +100,13 @@ class RanpacRouter:
         self.names: list[str] = []
         self.sizes: list[int] = []
         self.means = torch.empty(0, PROJECTION_DIM, dtype=torch.float64)     # (K, M) every class of every task
-        self.heads: list[tuple[torch.Tensor, torch.Tensor]] = []  # each task's own class head (w, b)
+        self._heads: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # each task's own class head (w, b)
         self.scatter = torch.zeros(PROJECTION_DIM, PROJECTION_DIM, dtype=torch.float64)
         self.count = 0.0
-        self.ood_stats: list[TaskStats] = []
+        # each task's statistics (its class head, the OOD detector), read on first use: adding a
+        # task to a loaded router reads no other task's file
+        self._stats: dict[str, TaskStats | None] = {}
+        self._reader: Callable[[str], TaskStats] | None = None
         self._ood: OODDetector | None = None
         self.w = self.b = torch.empty(0)
         self.info: dict = {}
@@ -133,10 +138,9 @@ class RanpacRouter:
         self.names.append(name)
         self.sizes.append(len(s.rp_means))
         self.means = torch.cat([self.means, s.rp_means.double()])
-        self._stack_head(s)
         self.scatter += self._term(s)
         self.count += float(s.class_counts.sum())
-        self.ood_stats.append(s)
+        self._stats[name] = s
         self._ood = None
 
     def add(self, name: str, stats: TaskStats) -> None:
@@ -151,19 +155,36 @@ class RanpacRouter:
         i = self.names.index(name)
         start = sum(self.sizes[:i])
         self.means = torch.cat([self.means[:start], self.means[start + self.sizes[i]:]])
-        del self.heads[i]
+        self._heads.pop(name, None)
         self.scatter -= self._term(stats)
         self.count -= float(stats.class_counts.sum())
-        del self.names[i], self.sizes[i], self.ood_stats[i]
+        del self.names[i], self.sizes[i], self._stats[name]
         self._ood = None
         if self.names:
             self._solve()
 
-    def _stack_head(self, s: TaskStats) -> None:
-        hs = self.config.head_shrinkage
-        w, b = (s.rp_head_w, s.rp_head_b) if hs is None else \
-            class_head(s.rp_means, s.rp_factor, s.rp_rest, float(s.class_counts.sum()), hs)
-        self.heads.append((w.float(), b.float()))
+    def stats(self, name: str) -> TaskStats:
+        """Task ``name``'s statistics, read on first use when the router was loaded from a file."""
+        if self._stats[name] is None:
+            self._stats[name] = self._reader(name)
+        return self._stats[name]
+
+    def read_all(self) -> "RanpacRouter":
+        """Read every task's statistics and class head now (a reader that must not depend on the
+        files staying in place later)."""
+        for n in self.names:
+            self.head(n)
+        return self
+
+    def head(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Task ``name``'s own class head ``(w, b)``: the stored one, or one recomputed with the
+        config's ``head_shrinkage`` when set."""
+        if name not in self._heads:
+            s, hs = self.stats(name), self.config.head_shrinkage
+            w, b = (s.rp_head_w, s.rp_head_b) if hs is None else \
+                class_head(s.rp_means, s.rp_factor, s.rp_rest, float(s.class_counts.sum()), hs)
+            self._heads[name] = (w.float(), b.float())
+        return self._heads[name]
 
     def _solve(self) -> None:
         import time
@@ -181,7 +202,7 @@ class RanpacRouter:
     @property
     def ood(self) -> OODDetector:
         if self._ood is None:
-            self._ood = detector_from_stats(self.ood_stats, self.ood_quantile)
+            self._ood = detector_from_stats([self.stats(n) for n in self.names], self.ood_quantile)
         return self._ood
 
     @torch.no_grad()
@@ -207,7 +228,7 @@ class RanpacRouter:
         h = random_features(feats, self.proj)
         tasks = self.task_scores(self.class_log_posterior(feats, h))
         r = top_k(tasks, self.names, k, self.ood.score(feats))
-        r.class_logp = TaskPosteriors(h, dict(zip(self.names, self.heads)))
+        r.class_logp = TaskPosteriors(h, list(self.names), self.head)
         r.answer_weight = self.config.answer_weight
         return r
 
@@ -224,9 +245,10 @@ class RanpacRouter:
         return [f"{stem}.safetensors", f"{stem}.json"]
 
     @classmethod
-    def load(cls, weights: Path, meta_file: Path, stats: dict[str, TaskStats],
+    def load(cls, weights: Path, meta_file: Path, stats: Callable[[str], TaskStats],
              ood_quantile: float | None = None) -> "RanpacRouter":
-        """A router saved by :meth:`save`; ``stats`` (each task's, for the OOD detector) in any order."""
+        """A router saved by :meth:`save`; ``stats(name)`` reads a task's statistics when its class
+        head or the OOD detector first needs them."""
         meta = json.loads(meta_file.read_text())
         if meta.get("projection", {}).get("width") != PROJECTION_DIM:
             raise RegistryError(f"{meta_file} uses another random projection: run 'clipzoo router --rebuild'")
@@ -236,8 +258,6 @@ class RanpacRouter:
         r.names, r.sizes, r.count = list(meta["names"]), list(meta["sizes"]), float(meta["count"])
         r.scatter, r.means = state["scatter"].double(), state["means"].double()
         r.w, r.b = state["w"].float(), state["b"].float()
-        r.ood_stats = [stats[n] for n in r.names]
-        for s in r.ood_stats:
-            r._stack_head(s)
+        r._stats, r._reader = dict.fromkeys(r.names), stats
         r.info = meta.get("last_update", {})
         return r

@@ -31,9 +31,11 @@ FILED = (RANPAC, LEARNED)  # kinds kept in versioned files
 Router = NearestStatsRouter | SparseRouter | RanpacRouter
 
 
-def load_router(root: Path, spec: dict, names: list[str], stats: Callable[[str], TaskStats]) -> Router:
+def load_router(root: Path, spec: dict, names: list[str], stats: Callable[[str], TaskStats],
+                lazy: bool = False) -> Router:
     """The router ``spec`` describes over the experts ``names`` (a learned router without a file
-    is trained from the stats, in memory); ``stats(name)`` reads an expert's statistics."""
+    is trained from the stats, in memory); ``stats(name)`` reads an expert's statistics. ``lazy``:
+    a ranpac router reads them only when needed (an update reads none but the new task's)."""
     kind, q = spec.get("kind", NearestStatsRouter.name), float(spec.get("ood_quantile", DEFAULT_QUANTILE))
     if kind == NearestStatsRouter.name:
         return NearestStatsRouter({n: stats(n) for n in names}, q)
@@ -45,8 +47,9 @@ def load_router(root: Path, spec: dict, names: list[str], stats: Callable[[str],
         build = RanpacRouter if kind == RANPAC else SparseRouter
         return build.from_stats({n: stats(n) for n in names}, ood_quantile=q)
     weights, meta = contained(root, files[1]), contained(root, files[0])   # sorted: .json, .safetensors
-    r = (RanpacRouter.load(weights, meta, {n: stats(n) for n in names}, q) if kind == RANPAC
-         else SparseRouter.load(weights, meta, q))
+    r = RanpacRouter.load(weights, meta, stats, q) if kind == RANPAC else SparseRouter.load(weights, meta, q)
+    if kind == RANPAC and not lazy:
+        r.read_all()
     if set(r.names) != set(names):
         raise RegistryError(f"the router file {files[1]} covers {r.names}, not the experts {names}: "
                             f"run 'clipzoo router --zoo {root} --rebuild'")
@@ -90,7 +93,7 @@ def stage_router(root: Path, reg: dict, stats: Callable[[str], TaskStats], add: 
         else:
             r = SparseRouter.from_stats({n: stats(n) for n in names}, config or saved or RouterConfig(), q)
     else:
-        r = load_router(root, old, before, lambda n: gone[n] if gone and n in gone else stats(n))
+        r = load_router(root, old, before, lambda n: gone[n] if gone and n in gone else stats(n), lazy=True)
         for d in drops:
             r.remove(d, gone[d]) if ranpac else r.remove(d)
         if add:
