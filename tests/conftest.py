@@ -48,6 +48,20 @@ def builtin_tasks():
     return {d: load_builtin(d, n_train=24, n_test=8) for d in builtin_domains()}
 
 
+@pytest.fixture(scope="session")
+def served_zoo(tmp_path_factory, builtin_tasks):
+    """A zoo of two built-in tasks and mixed test images (PIL) from both, for the serving tests
+    (read only: a test that changes it works on a copy)."""
+    from clipzoo.zoo.train import TrainSettings
+    from clipzoo.zoo.zoo import Zoo
+
+    root = tmp_path_factory.mktemp("served") / "zoo"
+    z = Zoo.create(root)
+    for name in ("shapes", "colours"):
+        z.add_task(builtin_tasks[name], train=TrainSettings(epochs=5, batch_size=32))
+    return root, [im for name in ("shapes", "colours") for im in builtin_tasks[name].test.images[:4]]
+
+
 @pytest.fixture
 def fast_train():
     from clipzoo.zoo.train import TrainSettings

@@ -32,20 +32,15 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def ray_served(tmp_path_factory, builtin_tasks):
-    """A zoo of two built-in tasks served by one Ray Serve replica; yields (url, zoo root, images)."""
+def ray_served(served_zoo):
+    """The two-task zoo (tests/conftest.py) served by one Ray Serve replica; yields (url, zoo root,
+    images, app)."""
     import ray
     from ray import serve
 
     from clipzoo.serve.ray_app import deployment
-    from clipzoo.zoo.train import TrainSettings
-    from clipzoo.zoo.zoo import Zoo
 
-    root = tmp_path_factory.mktemp("ray-serve") / "zoo"
-    z = Zoo.create(root)
-    for name in ("shapes", "colours"):
-        z.add_task(builtin_tasks[name], train=TrainSettings(epochs=3, batch_size=32))
-    images = [im for name in ("shapes", "colours") for im in builtin_tasks[name].test.images[:4]]
+    root, images = served_zoo
 
     started = not ray.is_initialized()  # test_ray.py's session cluster may be up already: reuse it
     if started:

@@ -33,17 +33,9 @@ def png(im) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory, builtin_tasks):
-    """A zoo of two tasks and mixed test images (PIL) from both."""
-    from clipzoo.zoo.train import TrainSettings
-    from clipzoo.zoo.zoo import Zoo
-
-    root = tmp_path_factory.mktemp("serve") / "zoo"
-    z = Zoo.create(root)
-    for name in ("shapes", "colours"):
-        z.add_task(builtin_tasks[name], train=TrainSettings(epochs=5, batch_size=32))
-    images = [im for name in ("shapes", "colours") for im in builtin_tasks[name].test.images[:4]]
-    return root, images
+def served(served_zoo):
+    """A zoo of two tasks and mixed test images (PIL) from both (tests/conftest.py)."""
+    return served_zoo
 
 
 def files(images, names=None) -> list:

@@ -36,6 +36,19 @@ def _error(status: int, reason: str) -> JSONResponse:
     return JSONResponse({"error": " ".join(str(reason).split()) or "error"}, status_code=status)
 
 
+def failure_response(e: Exception) -> JSONResponse:
+    """The one-line JSON answer to a request that failed with ``e`` (this server and the Ray
+    Serve deployment alike): its own fault 4xx, an unready zoo 503, anything else a logged 500."""
+    if isinstance(e, BadRequest):
+        return _error(e.status, str(e))
+    if isinstance(e, Unavailable):
+        return _error(503, str(e))
+    if isinstance(e, ClipzooError):  # an unknown task, bad fallback classes, ...: the request's own fault
+        return _error(400, str(e))
+    _log.error("predict failed", exc_info=e)
+    return _error(500, f"internal error ({type(e).__name__}: {e})")
+
+
 async def _read_body(request: Request, max_bytes: int) -> bytes:
     """The whole body, refused (413) as soon as it passes ``max_bytes``, declared or not."""
     declared = request.headers.get("content-length")
@@ -111,15 +124,8 @@ class Service:
             pixels = await run_in_threadpool(self.decoder.pixels, items, preprocess)
             job = Job(pixels, [name for name, _ in items], options)
             result = await asyncio.wrap_future(self.batcher.submit(job))
-        except BadRequest as e:
-            return _error(e.status, str(e))
-        except Unavailable as e:
-            return _error(503, str(e))
-        except ClipzooError as e:  # an unknown task, bad fallback classes, ...: the request's own fault
-            return _error(400, str(e))
         except Exception as e:  # noqa: BLE001 - the server answers and goes on
-            _log.exception("predict failed")
-            return _error(500, f"internal error ({type(e).__name__}: {e})")
+            return failure_response(e)
         return JSONResponse(result, headers={"X-Clipzoo-Version": str(result["zoo_version"])})
 
     async def health(self, request: Request) -> JSONResponse:

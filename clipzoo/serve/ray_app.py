@@ -24,12 +24,9 @@ with a 4xx (the request's fault), 503 (no experts yet) or 500.
 from __future__ import annotations
 
 import asyncio
-import logging
 from typing import Any
 
-from clipzoo.errors import ClipzooError, ConfigError
-
-_log = logging.getLogger(__name__)
+from clipzoo.errors import ConfigError
 
 
 def _ray_serve() -> Any:
@@ -50,14 +47,12 @@ def deployment(zoo_dir: str, replicas: int = 1, max_batch: int = 32, max_wait_ms
     from starlette.requests import Request
     from starlette.responses import JSONResponse
 
-    from clipzoo.serve.batcher import Job, Unavailable, predict_batch
+    from clipzoo.serve.app import failure_response
+    from clipzoo.serve.batcher import Job, predict_batch
     from clipzoo.serve.inputs import BadRequest, Decoder, Limits, parse_json, parse_options
     from clipzoo.serve.reload import ZooSource, router_version
 
     limits = Limits(max_images=max_images, max_bytes=max_bytes)  # checked here, not in a replica
-
-    def error(status: int, reason: str) -> JSONResponse:
-        return JSONResponse({"error": " ".join(str(reason).split()) or "error"}, status_code=status)
 
     # Ray caps the requests a replica holds at once (default 5): below max_batch, batches never fill.
     @serve.deployment(num_replicas=replicas, max_ongoing_requests=2 * max_batch)
@@ -101,15 +96,8 @@ def deployment(zoo_dir: str, replicas: int = 1, max_batch: int = 32, max_wait_ms
                 result = await self._batch(Job(pixels, [n for n, _ in items], options))
                 if isinstance(result, BaseException):
                     raise result
-            except BadRequest as e:
-                return error(e.status, str(e))
-            except Unavailable as e:
-                return error(503, str(e))
-            except ClipzooError as e:  # an unknown task, bad fallback classes, ...: the request's own fault
-                return error(400, str(e))
             except Exception as e:  # noqa: BLE001 - the replica answers and goes on
-                _log.exception("predict failed")
-                return error(500, f"internal error ({type(e).__name__}: {e})")
+                return failure_response(e)
             return JSONResponse(result, headers={"X-Clipzoo-Version": str(result["zoo_version"])})
 
     return ClipzooDeployment.bind(zoo_dir)
