@@ -223,12 +223,17 @@ class RanpacRouter:
     def scores(self, feats: torch.Tensor) -> torch.Tensor:
         return self.task_scores(self.class_log_posterior(feats))
 
+    def posteriors(self, feats: torch.Tensor, h: torch.Tensor | None = None) -> TaskPosteriors:
+        """Each task's ``log p(class | x, task)``, computed when read (no routing, no OOD score:
+        what an answer for a given task needs)."""
+        return TaskPosteriors(random_features(feats, self.proj) if h is None else h, list(self.names), self.head)
+
     def route(self, feats: torch.Tensor, k: int = 1) -> Routing:
         """Top-k tasks by ``p(task | x)``, each input's within-task class posteriors attached."""
         h = random_features(feats, self.proj)
         tasks = self.task_scores(self.class_log_posterior(feats, h))
         r = top_k(tasks, self.names, k, self.ood.score(feats))
-        r.class_logp = TaskPosteriors(h, list(self.names), self.head)
+        r.class_logp = self.posteriors(feats, h)
         r.answer_weight = self.config.answer_weight
         return r
 

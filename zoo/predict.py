@@ -24,6 +24,7 @@ from clipzoo.errors import ConfigError, DataError, RegistryError
 from clipzoo.router.fusion import (FORMAT_VERSION, MODES, FusionSettings, GlobalFusion, average_predict,
                                    train_global_fusion)
 from clipzoo.router.gate import Routing
+from clipzoo.router.ranpac import RanpacRouter
 from clipzoo.runtime import cache_root
 from clipzoo.tasks.data import check_image, load_task
 from clipzoo.tasks.spec import DEFAULT_TEMPLATES, ImageSource, TaskData
@@ -127,13 +128,18 @@ class Predictor:
         (top-k weights), fallback, and ``ood_score`` when routed."""
         if mode != "top1" and task is None:
             return self.predict_fused(feats, top_k, pixels, mode, fallback, classes)
-        r = self.route(feats, top_k)
-        if task is not None:
+        if task is not None:  # no routing: only the task's class posterior, where the router has one
+            self._require_experts()
             self.record(task)
+            router = self.router()
+            extra, weight = (router.posteriors(feats), router.config.answer_weight) \
+                if isinstance(router, RanpacRouter) else (None, 0.0)
             chosen = [task] * len(feats)
             routing = [{task: 1.0}] * len(feats)
             fell, ood = [False] * len(feats), None
         else:
+            r = self.route(feats, top_k)
+            extra, weight = r.class_logp, r.answer_weight
             chosen = [r.names[int(i)] for i in r.indices[:, 0]]
             routing = r.as_dicts()
             fell, ood = (r.fallback.tolist() if fallback else [False] * len(feats)), r.ood_score
@@ -146,8 +152,8 @@ class Predictor:
             args = (feats[idx], pixels(idx)) if exp.needs_pixels else (feats[idx],)
             with torch.no_grad():
                 logp = exp(*args).log_softmax(1)
-            if r.class_logp is not None and name in r.class_logp and r.answer_weight:
-                logp = (logp + r.answer_weight * r.class_logp[name][idx]).log_softmax(1)
+            if extra is not None and name in extra and weight:
+                logp = (logp + weight * extra[name][idx]).log_softmax(1)
             score, label = logp.exp().max(1)
             for j, i in enumerate(idx):
                 out[i] = {"task": name, "label": exp.classes[int(label[j])], "score": round(float(score[j]), 6),
