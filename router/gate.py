@@ -30,7 +30,8 @@ class Routing:
     scores: torch.Tensor
     ood_score: torch.Tensor | None = None
     # per task name, log p(class | x, task) ``(B, C_t)`` when the router models classes (ranpac),
-    # added with ``answer_weight`` to the expert's log-probabilities
+    # added with ``answer_weight`` to the expert's log-probabilities; ``rows(name, idx)`` gives
+    # those rows only (clipzoo.router.ranpac.TaskPosteriors)
     class_logp: Mapping[str, torch.Tensor] | None = None
     answer_weight: float = 0.0
 
@@ -42,10 +43,8 @@ class Routing:
         return self.ood_score > 0
 
     def as_dicts(self) -> list[dict[str, float]]:
-        return [
-            {self.names[int(i)]: round(float(w), 6) for i, w in zip(idx, wt)}
-            for idx, wt in zip(self.indices, self.weights)
-        ]
+        return [{self.names[i]: round(w, 6) for i, w in zip(idx, wt)}
+                for idx, wt in zip(self.indices.tolist(), self.weights.tolist())]
 
 
 def top_k(scores: torch.Tensor, names: list[str], k: int = 1, ood_score: torch.Tensor | None = None) -> Routing:

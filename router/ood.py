@@ -144,11 +144,36 @@ class OODDetector:
         d = self.padded_distances(feats) if padded is None else padded
         return d.min(2).values.T + self.logdets.float()[None]
 
-    def score(self, feats: torch.Tensor, padded: torch.Tensor | None = None) -> torch.Tensor:
-        """``ood_score``: higher is more out-of-distribution; ``> 0`` falls back."""
+    def score(self, feats: torch.Tensor, padded: torch.Tensor | None = None,
+              candidates: torch.Tensor | None = None) -> torch.Tensor:
+        """``ood_score``: higher is more out-of-distribution; ``> 0`` falls back.
+
+        ``candidates`` ``(B, m)`` (task indices, e.g. the router's top-k) scores those tasks first:
+        a row that one of them fits (score ``<= 0``) keeps that score, an upper bound of the exact
+        one and still ``<= 0``; every other row is scored over all tasks. The fallback decision is
+        the exact one either way, the exact score is kept wherever it is ``> 0``, and the cost per
+        in-distribution input no longer grows with the number of tasks."""
         if not self.chols:
             return torch.full((len(feats),), float("inf"))
-        return self.task_scores(feats, padded).min(1).values - float(self.threshold)
+        if candidates is None:
+            return self.task_scores(feats, padded).min(1).values - float(self.threshold)
+        s = self._candidate_scores(feats, candidates) - float(self.threshold)
+        undecided = (s > 0).nonzero()[:, 0]
+        if len(undecided):
+            s[undecided] = self.score(feats[undecided])
+        return s
+
+    def _candidate_scores(self, feats: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """``min`` over each row's candidate tasks of ``d_t(x) + log det Sigma_t``: ``(B,)``; one
+        whitening per distinct candidate task, of its own rows only."""
+        L, wm, _ = self._stacked()
+        x, best = feats.float(), torch.full((len(feats),), float("inf"))
+        for t in candidates.unique().tolist():
+            rows = (candidates == t).any(1).nonzero()[:, 0]
+            xw = torch.linalg.solve_triangular(L[t], x[rows].T, upper=False).T
+            d = torch.cdist(xw, wm[t, :len(self.class_means[t])]).pow(2).min(1).values + float(self.logdets[t])
+            best[rows] = torch.minimum(best[rows], d)
+        return best
 
     def is_ood(self, feats: torch.Tensor) -> torch.Tensor:
         return self.score(feats) > 0

@@ -57,6 +57,18 @@ class TaskPosteriors(Mapping):
                 self._done[name] = (self._h @ w.T + b).log_softmax(1)
         return self._done[name]
 
+    def rows(self, name: str, idx: list[int]) -> torch.Tensor:
+        """``self[name][idx]``, computed for those rows only (an answer reads each task's
+        posterior on the rows routed to it: the batch's cost stays flat in the number of tasks)."""
+        if name in self._done or name not in self._names:
+            return self[name][idx]
+        w, b = self._head(name)
+        with torch.no_grad():
+            return (self._h[idx] @ w.T + b).log_softmax(1)
+
+    def __contains__(self, name: object) -> bool:  # Mapping's default would compute the posterior
+        return name in self._names
+
     def __iter__(self):
         return iter(self._names)
 
@@ -109,6 +121,7 @@ class RanpacRouter:
         self._reader: Callable[[str], TaskStats] | None = None
         self._ood: OODDetector | None = None
         self.w = self.b = torch.empty(0)
+        self._task_of: tuple[tuple[int, ...] | None, torch.Tensor] = (None, torch.empty(0))  # class -> task index
         self.info: dict = {}
 
     # ----- building and updating -------------------------------------------------------------
@@ -212,13 +225,18 @@ class RanpacRouter:
         return (h @ self.w.T + self.b).log_softmax(1)
 
     def task_scores(self, class_logp: torch.Tensor) -> torch.Tensor:
-        """``log p(task | x)`` ``(B, E)`` from :meth:`class_log_posterior`: one segmented
-        log-sum-exp over the classes of all tasks (float64, so no task's mass underflows)."""
-        lp = class_logp.double()
-        top = lp.max(1, keepdim=True).values
-        task_of = torch.repeat_interleave(torch.arange(len(self.sizes)), torch.tensor(self.sizes))
-        mass = torch.zeros(len(lp), len(self.sizes), dtype=torch.float64).index_add_(1, task_of, (lp - top).exp())
-        return (mass.log() + top).float()
+        """``log p(task | x)`` ``(B, E)`` from :meth:`class_log_posterior`: a log-sum-exp over each
+        task's classes, each task's own maximum taken out first (so every task keeps a finite
+        score, however far below the best class it is); terms over 80 nats below their task's
+        maximum are dropped (a relative change under 1e-34)."""
+        if self._task_of[0] != tuple(self.sizes):
+            self._task_of = (tuple(self.sizes), torch.repeat_interleave(torch.arange(len(self.sizes)),
+                                                                        torch.tensor(self.sizes)))
+        task_of, xt = self._task_of[1], class_logp.float().T.contiguous()          # (K,), (K, B)
+        top = torch.full((len(self.sizes), xt.shape[1]), float("-inf")).scatter_reduce_(
+            0, task_of[:, None].expand_as(xt), xt, "amax")
+        mass = (xt - top[task_of]).clamp_(min=-80).exp_()
+        return (torch.zeros_like(top).index_add_(0, task_of, mass).log_() + top).T
 
     def scores(self, feats: torch.Tensor) -> torch.Tensor:
         return self.task_scores(self.class_log_posterior(feats))
@@ -232,7 +250,8 @@ class RanpacRouter:
         """Top-k tasks by ``p(task | x)``, each input's within-task class posteriors attached."""
         h = random_features(feats, self.proj)
         tasks = self.task_scores(self.class_log_posterior(feats, h))
-        r = top_k(tasks, self.names, k, self.ood.score(feats))
+        r = top_k(tasks, self.names, k)
+        r.ood_score = self.ood.score(feats, candidates=r.indices)  # exact decisions, cost flat in the tasks
         r.class_logp = self.posteriors(feats, h)
         r.answer_weight = self.config.answer_weight
         return r

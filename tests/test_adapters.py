@@ -330,3 +330,34 @@ def test_bench_kinds_reports_every_method_measured_in_one_run(tmp_path):
     assert "| shapes | lora+prompt |" in (out / "kinds.md").read_text()
     bad = CliRunner().invoke(main, ["bench-kinds", "builtin:shapes", "--methods", "lora+nope", "--out", str(tmp_path / "x")])
     assert bad.exit_code != 0 and "unknown expert kind 'nope'" in bad.output and not (tmp_path / "x").exists()
+
+
+def _perturbed(kind, settings, bb, task, seed):
+    """A fresh expert whose zero-initialised outputs are made non-zero (so experts differ)."""
+    exp = _fresh(kind, settings, bb, task, seed)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in exp.stack.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return exp
+
+
+def test_one_tower_pass_serves_rows_of_different_experts(bb, shapes):
+    """RowHooks: a batch whose rows belong to different in-encoder experts (vit-adapter, lora, a
+    stack), run once through the image tower, gives each row what its own expert gives alone;
+    rows of no expert get the frozen embedding."""
+    from clipzoo.zoo.encoders import Hooks, RowHooks, encode_image
+
+    task, (x, px, _), _ = shapes
+    experts = [_perturbed(k, s, bb, task, i) for i, (k, s) in enumerate(
+        [("vit-adapter", {}), ("lora", {}), ("vit-adapter+clip-adapter", {"vit-adapter": {"placement": "mlp"}})])]
+    rows = [torch.tensor([0, 3, 5]), torch.tensor([1, 4]), torch.tensor([2, 6, 7])]
+    with torch.no_grad():
+        mixed = encode_image(bb.model, px[:9], RowHooks([(r, e.encoder_hooks()) for r, e in zip(rows, experts)]))
+        for r, e in zip(rows, experts):
+            alone = encode_image(bb.model, px[r], e.hooks)
+            torch.testing.assert_close(mixed[r], alone, atol=1e-5, rtol=1e-4)
+            assert (alone - x[r]).abs().max() > 1e-3  # the experts really change the tower
+            torch.testing.assert_close(e(x[r], encoded=mixed[r]), e(x[r], px[r]), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(mixed[8:], encode_image(bb.model, px[8:9], Hooks()), atol=1e-5, rtol=1e-4)
+    assert _fresh("clip-adapter", {}, bb, task).encoder_hooks() is None

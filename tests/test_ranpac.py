@@ -54,6 +54,23 @@ def test_routes_separable_tasks_and_gives_class_posteriors(stats):
         assert torch.allclose(lp.exp().sum(1), torch.ones(len(x)), atol=1e-4)
 
 
+def test_task_scores_are_each_tasks_log_mass_and_always_finite(stats):
+    """``log p(task | x)`` is the log-sum-exp of the task's class log-posteriors (float64
+    reference), finite even for tasks whose classes are thousands of nats below the best; the
+    rows of the rows-only posterior equal the full posterior's rows."""
+    r = RanpacRouter.from_stats(stats)
+    x = torch.cat([_task(i, n_per_class=5)[0] for i in range(3)])
+    lp = r.class_log_posterior(x)
+    lp[:, 4:8] -= 5000.0   # a task far below every other
+    ref = torch.stack([lp.double()[:, 4 * t:4 * t + 4].logsumexp(1) for t in range(3)], 1)
+    got = r.task_scores(lp)
+    assert got.isfinite().all()
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-4)
+    post = r.route(x).class_logp
+    torch.testing.assert_close(post.rows("t1", [0, 7, 3]), post["t1"][[0, 7, 3]], rtol=1e-5, atol=1e-5)
+    assert "t1" in post and "t9" not in post
+
+
 def test_add_then_remove_equals_building_without_it(stats):
     grown = RanpacRouter.from_stats({k: stats[k] for k in ("t0", "t1")})
     grown.add("t2", stats["t2"])

@@ -187,6 +187,32 @@ def test_batched_float32_scoring_makes_the_same_decisions(synth):
     assert torch.equal(routed.indices, r.scores(feats).topk(2, 1).indices)
 
 
+def test_scoring_only_the_routed_candidates_keeps_every_decision(synth):
+    """OOD scored on the router's top-k candidates first: the same fallback decisions as scoring
+    every task, the exact score wherever it is > 0, an upper bound <= 0 elsewhere; in-distribution
+    rows are not scored over every task."""
+    from clipzoo.router.ranpac import RanpacRouter
+
+    stats = dict(zip(synth, (s for s, _ in synth.values())))
+    r = RanpacRouter.from_stats(stats)
+    g = torch.Generator().manual_seed(3)
+    feats = torch.cat([x for _, x in synth.values()] + [F.normalize(torch.randn(100, DIM, generator=g), dim=1)])
+    full = r.ood.score(feats)
+    assert 0 < int((full > 0).sum()) < len(feats)  # both kinds of rows are exercised
+    for k in (1, 2):
+        cand = r.route(feats, k).indices
+        fast = r.ood.score(feats, candidates=cand)
+        assert torch.equal(fast > 0, full > 0)
+        torch.testing.assert_close(fast[full > 0], full[full > 0], rtol=1e-4, atol=1e-3)
+        assert (fast[full <= 0] <= 0).all() and (fast[full <= 0] >= full[full <= 0] - 1e-3).all()
+        assert torch.equal(r.route(feats, k).fallback, full > 0)
+    seen = []
+    real = r.ood.score
+    r.ood.score = lambda f, padded=None, candidates=None: seen.append(len(f)) or real(f, padded, candidates)
+    r.route(torch.cat([x for _, x in synth.values()]))
+    assert seen[0] == 400 and sum(seen[1:]) < 40  # the full pass only for the few undecided rows
+
+
 def test_stats_are_float32_and_old_float64_files_still_load(synth, tmp_path):
     from safetensors.torch import load_file, save_file
 

@@ -55,6 +55,51 @@ class Hooks:
         return {t for (t, _, _) in self._hooks}
 
 
+class RowHooks:
+    """Different experts' hooks on different rows of one batch (PEFT's mixed-adapter batches,
+    S-LoRA's grouping): the frozen block runs once over every row, and at each hook site each
+    group's hooks run on that group's rows only. ``groups`` pairs row indices ``(n,)`` with
+    the :class:`Hooks` those rows use; rows in no group pass through the frozen block alone."""
+
+    DELTA_SITES = ("qkv", "out", "fc", "proj")
+
+    def __init__(self, groups: list[tuple[torch.Tensor, Hooks]]) -> None:
+        self.groups = groups
+
+    def towers(self) -> set[str]:
+        return set().union(*(h.towers() for _, h in self.groups)) if self.groups else set()
+
+    def get(self, tower: str, block: int, site: str) -> list[Hook]:
+        used = [(rows, fns) for rows, h in self.groups if (fns := h.get(tower, block, site))]
+        if not used:
+            return []
+        return [self._delta(used) if site in self.DELTA_SITES else self._map(used)]
+
+    @staticmethod
+    def _delta(used: list[tuple[torch.Tensor, list[Hook]]]) -> Hook:
+        def fn(x: torch.Tensor) -> torch.Tensor:
+            out = None
+            for rows, fns in used:
+                sub = x[rows]
+                d = sum(f(sub) for f in fns)
+                out = x.new_zeros((len(x), *d.shape[1:])) if out is None else out
+                out.index_add_(0, rows, d)
+            return out
+        return fn
+
+    @staticmethod
+    def _map(used: list[tuple[torch.Tensor, list[Hook]]]) -> Hook:
+        def fn(x: torch.Tensor) -> torch.Tensor:
+            out = x.clone()
+            for rows, fns in used:
+                sub = x[rows]
+                for f in fns:
+                    sub = f(sub)
+                out.index_copy_(0, rows, sub)
+            return out
+        return fn
+
+
 @dataclass
 class TextTower:
     """The text tower's parts, wherever the model class keeps them."""
@@ -118,7 +163,7 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, de
 
 
 def run_block(blk: ResidualAttentionBlock, x: torch.Tensor, attn_mask: torch.Tensor | None,
-              hooks: Hooks, tower: str, i: int) -> torch.Tensor:
+              hooks: Hooks | RowHooks, tower: str, i: int) -> torch.Tensor:
     """One ``ResidualAttentionBlock`` (batch first) with the hooks of block ``i`` of ``tower``."""
     attn: nn.MultiheadAttention = blk.attn
     B, L, W = x.shape
@@ -141,7 +186,7 @@ def run_block(blk: ResidualAttentionBlock, x: torch.Tensor, attn_mask: torch.Ten
     return x + blk.ls_2(m)
 
 
-def encode_image(model: nn.Module, pixels: torch.Tensor, hooks: Hooks) -> torch.Tensor:
+def encode_image(model: nn.Module, pixels: torch.Tensor, hooks: Hooks | RowHooks) -> torch.Tensor:
     """Unit-norm image embeddings ``(B, D)`` of preprocessed pixels through the hooked ViT."""
     v = model.visual
     x = v._embeds(pixels)

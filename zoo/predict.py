@@ -28,6 +28,7 @@ from clipzoo.router.ranpac import RanpacRouter
 from clipzoo.runtime import cache_root
 from clipzoo.tasks.data import check_image, load_task
 from clipzoo.tasks.spec import DEFAULT_TEMPLATES, ImageSource, TaskData
+from clipzoo.zoo.encoders import RowHooks, encode_image
 from clipzoo.zoo.registry import atomic_write_bytes
 
 PixelFn = Callable[[list[int]], torch.Tensor]
@@ -144,21 +145,40 @@ class Predictor:
             routing = r.as_dicts()
             fell, ood = (r.fallback.tolist() if fallback else [False] * len(feats)), r.ood_score
         out: list[dict] = [{"routing": routing[i]} for i in range(len(feats))]
-        for name in dict.fromkeys(c for c, f in zip(chosen, fell) if not f):
-            idx = [i for i, c in enumerate(chosen) if c == name and not fell[i]]
+        groups = {n: [i for i, c in enumerate(chosen) if c == n and not fell[i]]
+                  for n in dict.fromkeys(c for c, f in zip(chosen, fell) if not f)}
+        for name in groups:
+            if self.expert(name).needs_pixels and pixels is None:
+                raise ConfigError(f"expert {name!r} ({self.expert(name).kind}) needs images, not only cached features")
+        encoded = self._encode_shared(groups, pixels)
+        for name, idx in groups.items():
             exp = self.expert(name)
-            if exp.needs_pixels and pixels is None:
-                raise ConfigError(f"expert {name!r} ({exp.kind}) needs images, not only cached features")
-            args = (feats[idx], pixels(idx)) if exp.needs_pixels else (feats[idx],)
             with torch.no_grad():
-                logp = exp(*args).log_softmax(1)
+                logp = (exp(feats[idx], encoded=encoded[name]) if name in encoded else
+                        exp(feats[idx], pixels(idx)) if exp.needs_pixels else exp(feats[idx])).log_softmax(1)
             if extra is not None and name in extra and weight:
-                logp = (logp + weight * extra[name][idx]).log_softmax(1)
+                logp = (logp + weight * extra.rows(name, idx)).log_softmax(1)
             score, label = logp.exp().max(1)
             for j, i in enumerate(idx):
                 out[i] = {"task": name, "label": exp.classes[int(label[j])], "score": round(float(score[j]), 6),
                           "routing": routing[i], "fallback": False}
         return self._fall_back(out, feats, fell, ood, classes)
+
+    def _encode_shared(self, groups: dict[str, list[int]], pixels: PixelFn | None) -> dict[str, torch.Tensor]:
+        """One image-tower pass over the rows of every routed in-encoder expert, each row with its
+        own expert's hooks (:class:`clipzoo.zoo.encoders.RowHooks`): the frozen blocks run once
+        for the batch however many experts share it. Expert name -> its rows' tower output."""
+        hooked = {n: (idx, h) for n, idx in groups.items() if (h := self.expert(n).encoder_hooks()) is not None}
+        if not hooked or pixels is None:
+            return {}
+        parts, start = [], 0
+        for idx, h in hooked.values():
+            parts.append((torch.arange(start, start + len(idx)), h))
+            start += len(idx)
+        with torch.no_grad():
+            enc = encode_image(self.backbone.model, pixels([i for idx, _ in hooked.values() for i in idx]),
+                               RowHooks(parts))
+        return {n: enc[rows] for n, (rows, _) in zip(hooked, parts)}
 
     def _fall_back(self, preds: list[dict], feats: torch.Tensor, fell: list[bool], ood: torch.Tensor | None,
                    classes: Sequence[str] | None) -> list[dict]:

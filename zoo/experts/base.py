@@ -148,6 +148,12 @@ class Expert(nn.Module):
         """True when the expert works inside the image encoder, so cached features are not enough."""
         return False
 
+    def encoder_hooks(self):
+        """The expert's image-tower hooks (:class:`clipzoo.zoo.encoders.Hooks`) when its in-encoder
+        part can share one tower pass with other experts' rows, and :meth:`forward` then takes the
+        pass's output as ``encoded``; None otherwise."""
+        return None
+
     def adapted_features(self, feats: torch.Tensor, pixels: torch.Tensor | None = None) -> torch.Tensor:
         """The adapted unit-norm image embedding ``(B, D)``."""
         raise NotImplementedError

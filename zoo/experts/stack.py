@@ -116,9 +116,16 @@ class StackExpert(Expert):
             self._classifier_cache = w
         return w
 
-    def adapted_features(self, feats: torch.Tensor, pixels: torch.Tensor | None = None) -> torch.Tensor:
-        """The adapted unit-norm image embedding ``(B, D)`` from frozen embeddings (and pixels)."""
-        if self.needs_pixels:
+    def encoder_hooks(self) -> Hooks | None:
+        return self.hooks if self.needs_pixels else None
+
+    def adapted_features(self, feats: torch.Tensor, pixels: torch.Tensor | None = None,
+                         encoded: torch.Tensor | None = None) -> torch.Tensor:
+        """The adapted unit-norm image embedding ``(B, D)`` from frozen embeddings (and pixels, or
+        ``encoded``: these rows' output of a tower pass with this expert's hooks, shared with others)."""
+        if self.needs_pixels and encoded is not None:
+            feats = encoded
+        elif self.needs_pixels:
             if pixels is None:
                 raise ConfigError(f"a {self.kind} expert works inside the image encoder: it needs pixels, not only features")
             feats = encode_image(self.backbone.model, pixels, self.hooks)
@@ -126,9 +133,11 @@ class StackExpert(Expert):
             feats = m.adapt_image(feats) if hasattr(m, "adapt_image") else feats
         return feats
 
-    def forward(self, feats: torch.Tensor, pixels: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits ``(B, C)`` from frozen image embeddings ``(B, D)`` (and pixels, for in-encoder kinds)."""
-        logits = self.logit_scale * self.adapted_features(feats, pixels) @ self.class_weights().T
+    def forward(self, feats: torch.Tensor, pixels: torch.Tensor | None = None,
+                encoded: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits ``(B, C)`` from frozen image embeddings ``(B, D)`` (and pixels or ``encoded``, for
+        in-encoder kinds)."""
+        logits = self.logit_scale * self.adapted_features(feats, pixels, encoded) @ self.class_weights().T
         e = self.options.ensemble
         return (1 - e) * logits + e * self.zero_shot(feats) if e > 0 else logits
 
