@@ -8,17 +8,18 @@
 - predict of images whose features are all cached, in a fresh process: whether the backbone's
   model was built, and how long it took;
 - add-task with cached features (in process, embedded backbone): ``add_seconds`` and the router
-  update's share of it for expert #2 and expert #N (the zoo filled with the built-in domains in
-  turn, 300 training images per class, the fill trained for one epoch; the same task added as #2
-  and as #N, medians of adds to fresh copies, the two sizes in turn);
-- routing + expert cost per image (``predict_features``, top-1, cached features) at N-1 experts
-  against 1 expert;
+  update's share of it for expert #2 and expert #N (the zoo filled with distinct two-class tasks
+  cut from the built-in domains, 300 training images per class, the fill trained for one epoch;
+  the same task added as #2 and as #N, medians of adds to fresh copies, the two sizes in turn);
+- routing + expert cost per image (``predict_features``, top-1, cached features: every built-in
+  domain's test images, routed over many of the experts) at N-1 experts against 1 expert;
 - bytes per expert on disk: the built zoo's expert folders and router files, and the statistics
   plus router share for ViT-B-32-sized features (D=512, synthetic statistics).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -175,7 +176,7 @@ def _timed_add(src: Path, dest: Path, task, train) -> dict:
     return {k: m.get(k) for k in ("add_seconds", "train_seconds", "router_seconds")}
 
 
-def add_and_route(root: Path, experts: int, epochs: int, repeats: int = 3) -> dict:
+def add_and_route(root: Path, experts: int, epochs: int, repeats: int = 3, n_train: int = 300) -> dict:
     """Add-task cost with cached features at expert #2 and #``experts``, and routing + expert cost
     per image at 1 and at ``experts`` experts, on the embedded backbone. The two sizes are measured
     in turn, ``repeats`` times each (every add on a fresh copy of the zoo), medians: a machine
@@ -183,16 +184,20 @@ def add_and_route(root: Path, experts: int, epochs: int, repeats: int = 3) -> di
     import shutil
 
     from clipzoo.tasks.data import load_builtin
+    from clipzoo.tasks.sequence import class_pair_tasks
     from clipzoo.tasks.synthetic import DOMAINS
     from clipzoo.zoo.train import TrainSettings
     from clipzoo.zoo.zoo import Zoo
 
-    domains = list(DOMAINS)
-    # 300 training images per class: about the size of the shared real data sets (1,200 per task)
-    tasks = [load_builtin(domains[i % len(domains)], n_train=300, name=f"t{i}") for i in range(experts)]
+    # by default 300 training images per class, as in the shared real data sets; distinct two-class
+    # tasks, so the probe is routed over many experts
+    domains = [load_builtin(d, n_train=n_train) for d in DOMAINS]
+    tasks = class_pair_tasks(domains, experts)
+    # the timed adds: a whole domain (the last, as task "added") and the 2-class task left out of the fill
+    added = {"": dataclasses.replace(domains[-1], name="added"), "_small": tasks[-1]}
     z = Zoo.create(root / "zoo-n")
-    probe = torch.cat([z.features(t.test.images) for t in tasks[:len(domains)]])  # every feature cached now
-    for t in tasks[:len(domains)]:
+    probe = torch.cat([z.features(t.test.images) for t in domains])  # every feature cached now
+    for t in domains:
         z.features(t.train.images)
     timed, fill = TrainSettings(epochs=epochs), TrainSettings(epochs=1)
     for i, t in enumerate(tasks[:-1]):
@@ -200,21 +205,28 @@ def add_and_route(root: Path, experts: int, epochs: int, repeats: int = 3) -> di
         if i == 0:
             shutil.copytree(z.root, root / "zoo-1")
     one = Zoo.open(root / "zoo-1")
-    adds: dict[str, list[dict]] = {"expert_2": [], f"expert_{experts}": []}
+    adds: dict[str, list[dict]] = {f"expert_{n}{tag}": [] for tag in added for n in (2, experts)}
     route: dict[str, list[float]] = {"experts_1": [], f"experts_{experts - 1}": []}
     for _ in range(repeats):
-        adds["expert_2"].append(_timed_add(root / "zoo-1", root / "zoo-add", tasks[-1], timed))  # the same task
-        adds[f"expert_{experts}"].append(_timed_add(z.root, root / "zoo-add", tasks[-1], timed))
+        for tag, task in added.items():  # the same task as expert #2 and as expert #N
+            adds[f"expert_2{tag}"].append(_timed_add(root / "zoo-1", root / "zoo-add", task, timed))
+            adds[f"expert_{experts}{tag}"].append(_timed_add(z.root, root / "zoo-add", task, timed))
         route["experts_1"].append(_route_ms(one, probe))
         route[f"experts_{experts - 1}"].append(_route_ms(z, probe))
     med = {k: {f: round(statistics.median(a[f] for a in v), 3) for f in v[0]} for k, v in adds.items()}
     for a in med.values():
         a["router_share"] = round(a["router_seconds"] / a["add_seconds"], 3)
     r = {k: round(statistics.median(v), 4) for k, v in route.items()}
-    first, last = med["expert_2"], med[f"expert_{experts}"]
-    return {"experts": experts, "epochs": epochs, "repeats": repeats, "probe_images": len(probe), "adds": med,
-            "ratio_add_last_vs_2": round(last["add_seconds"] / first["add_seconds"], 2),
-            "router_share_max": max(a["router_share"] for a in med.values()),
+    spread = len(set(z.route(probe).indices[:, 0].tolist()))
+    out = {"experts": experts, "epochs": epochs, "repeats": repeats, "probe_images": len(probe),
+           "probe_distinct_experts": spread, "adds": med,
+           "added_tasks": {tag or "_domain": {"name": t.name, "classes": len(t.classes), "train_images": len(t.train)}
+                           for tag, t in added.items()}}
+    for tag in added:
+        first, last = med[f"expert_2{tag}"], med[f"expert_{experts}{tag}"]
+        out[f"ratio_add_last_vs_2{tag}"] = round(last["add_seconds"] / first["add_seconds"], 2)
+        out[f"router_share_max{tag}"] = max(first["router_share"], last["router_share"])
+    return {**out,
             "route_ms_per_image": r,
             "ratio_route_last_vs_1": round(r[f"experts_{experts - 1}"] / r["experts_1"], 2),
             "bytes_per_expert_embedded": zoo_bytes_per_expert(z.root, len(z.names)),
@@ -298,6 +310,7 @@ def run_cost(runs: int = 5, small: int = 1000, large: int = 50_000, dim: int = 5
         g = result["add_and_route"]
         result["targets"].update({f"add_expert_{g['experts']}_within_1.2x_expert_2": g["ratio_add_last_vs_2"] <= 1.2,
                                   "router_refresh_under_25%_of_add": g["router_share_max"] < 0.25,
+                                  "router_refresh_under_25%_of_add_2_class_task": g["router_share_max_small"] < 0.25,
                                   f"route_{g['experts'] - 1}_within_1.5x_1": g["ratio_route_last_vs_1"] <= 1.5})
     return result
 
@@ -323,14 +336,18 @@ def markdown(res: dict) -> str:
                          "not built"))
     if "add_and_route" in res:
         g, v = res["add_and_route"], res["bytes_per_expert_vit_b_32"]
-        n, a2, an = g["experts"], g["adds"]["expert_2"], g["adds"][f"expert_{g['experts']}"]
-        e = g["bytes_per_expert_embedded"]
-        rows += [(f"add-task, cached features ({g['epochs']} epochs): expert #{n} vs #2",
-                  f"{g['ratio_add_last_vs_2']}x ({a2['add_seconds']} -> {an['add_seconds']} s)", "1.2x"),
-                 ("router refresh share of the add, #2 / #" + str(n),
-                  f"{round(100 * a2['router_share'])}% / {round(100 * an['router_share'])}% "
-                  f"({a2['router_seconds']} / {an['router_seconds']} s)", "under 25%"),
-                 (f"routing + expert per image, {n - 1} vs 1 experts ({g['probe_images']} cached images, top-1)",
+        n, e = g["experts"], g["bytes_per_expert_embedded"]
+        for tag, what in g["added_tasks"].items():
+            tag = "" if tag == "_domain" else tag
+            a2, an = g["adds"][f"expert_2{tag}"], g["adds"][f"expert_{n}{tag}"]
+            task = f"{what['name']}: {what['classes']} classes, {what['train_images']:,} images"
+            rows += [(f"add-task ({task}), cached features ({g['epochs']} epochs): expert #{n} vs #2",
+                      f"{g['ratio_add_last_vs_2' + tag]}x ({a2['add_seconds']} -> {an['add_seconds']} s)", "1.2x"),
+                     (f"router refresh share of that add, #2 / #{n}",
+                      f"{round(100 * a2['router_share'])}% / {round(100 * an['router_share'])}% "
+                      f"({a2['router_seconds']} / {an['router_seconds']} s)", "under 25%")]
+        rows += [(f"routing + expert per image, {n - 1} vs 1 experts ({g['probe_images']} cached images, top-1, "
+                  f"routed to {g['probe_distinct_experts']} distinct experts)",
                   f"{g['ratio_route_last_vs_1']}x ({g['route_ms_per_image']['experts_1']} -> "
                   f"{g['route_ms_per_image'][f'experts_{n - 1}']} ms)", "1.5x"),
                  ("bytes per expert, embedded backbone (all files / experts)",

@@ -164,16 +164,23 @@ class OODDetector:
         return s
 
     def _candidate_scores(self, feats: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
-        """``min`` over each row's candidate tasks of ``d_t(x) + log det Sigma_t``: ``(B,)``; one
-        whitening per distinct candidate task, of its own rows only."""
-        L, wm, _ = self._stacked()
-        x, best = feats.float(), torch.full((len(feats),), float("inf"))
-        for t in candidates.unique().tolist():
-            rows = (candidates == t).any(1).nonzero()[:, 0]
-            xw = torch.linalg.solve_triangular(L[t], x[rows].T, upper=False).T
-            d = torch.cdist(xw, wm[t, :len(self.class_means[t])]).pow(2).min(1).values + float(self.logdets[t])
-            best[rows] = torch.minimum(best[rows], d)
-        return best
+        """``min`` over each row's candidate tasks of ``d_t(x) + log det Sigma_t``: ``(B,)``. The
+        (row, candidate) pairs are grouped by task and padded to ``(G, R_max, D)``, so one batched
+        triangular solve and one distance computation serve every candidate task."""
+        L, wm, pad = self._stacked()
+        rows = torch.arange(len(feats)).repeat_interleave(candidates.shape[1])
+        task = candidates.reshape(-1)
+        order = torch.argsort(task, stable=True)
+        rows, task = rows[order], task[order]
+        tasks, counts = torch.unique_consecutive(task, return_counts=True)
+        slot = torch.arange(len(task)) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+        group = torch.repeat_interleave(torch.arange(len(tasks)), counts)
+        x = torch.zeros(len(tasks), int(counts.max()), feats.shape[1])
+        x[group, slot] = feats.float()[rows]
+        xw = torch.linalg.solve_triangular(L[tasks], x.transpose(1, 2), upper=False).transpose(1, 2)
+        d = torch.cdist(xw, wm[tasks]).pow(2).masked_fill(pad[tasks][:, None, :], float("inf")).min(2).values
+        fit = d[group, slot] + self.logdets.float()[task]
+        return torch.full((len(feats),), float("inf")).scatter_reduce_(0, rows, fit, "amin")
 
     def is_ood(self, feats: torch.Tensor) -> torch.Tensor:
         return self.score(feats) > 0

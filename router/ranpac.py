@@ -203,10 +203,9 @@ class RanpacRouter:
         import time
 
         t0 = time.perf_counter()
-        m = self.scatter.shape[0]
-        cov = self.scatter / max(self.count, 1.0)
-        s = self.config.shrinkage
-        cov = (1 - s) * cov + s * torch.trace(cov) / m * torch.eye(m, dtype=cov.dtype)
+        m, s, n = self.scatter.shape[0], self.config.shrinkage, max(self.count, 1.0)
+        cov = self.scatter * ((1 - s) / n)   # (1 - s) S / n + s tr(S / n) / m I, in two passes over M x M
+        cov.diagonal().add_(s * float(torch.trace(self.scatter)) / (n * m))
         w = torch.cholesky_solve(self.means.T, torch.linalg.cholesky(cov)).T
         self.w, self.b = w.float(), (-0.5 * (w * self.means).sum(1)).float()
         self.info = {"update_seconds": round(time.perf_counter() - t0, 4), "classes": int(len(self.means))}

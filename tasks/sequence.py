@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
+from itertools import combinations
 from pathlib import Path
 
 import numpy as np
 
 from clipzoo.tasks.data import builtin_domains, load_builtin, load_imagefolder, load_task
-from clipzoo.tasks.spec import TaskData
+from clipzoo.tasks.spec import Split, TaskData
 from clipzoo.errors import ConfigError, DataError
 
 
@@ -72,3 +73,23 @@ def task_orders(n_tasks: int, n_orders: int, seed: int) -> list[list[int]]:
         if p not in orders:
             orders.append(p)
     return orders
+
+
+def class_pair_tasks(tasks: list[TaskData], n: int) -> list[TaskData]:
+    """``n`` distinct two-class tasks cut from ``tasks`` (labels renumbered), in turn over the
+    tasks, each task's disjoint pairs first (``shapes-0-1``, ``colours-0-1``, ...): many distinct
+    tasks from a few domains, for the cost benchmarks, whose router then spreads a mixed batch
+    over many experts."""
+
+    def part(split: Split, keep: tuple[int, ...]) -> Split:
+        pos = {c: i for i, c in enumerate(keep)}
+        return Split([im for im, y in zip(split.images, split.labels) if y in pos],
+                     [pos[y] for y in split.labels if y in pos])
+
+    per_domain = []
+    for t in tasks:
+        first = [(c, c + 1) for c in range(0, len(t.classes) - 1, 2)]
+        per_domain.append([(t, p) for p in first + [p for p in combinations(range(len(t.classes)), 2) if p not in first]])
+    order = [x for row in zip(*per_domain) for x in row] + [x for row in per_domain for x in row[min(map(len, per_domain)):]]
+    return [TaskData(f"{t.name}-{a}-{b}", [t.classes[a], t.classes[b]], part(t.train, (a, b)), part(t.test, (a, b)),
+                     t.templates) for t, (a, b) in order[:n]]

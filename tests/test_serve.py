@@ -202,3 +202,41 @@ def test_predict_batch_answers_each_request_with_its_options(served):
     assert all(p["task"] == "shapes" for p in out[2])
     alone = z.predict_features(z.backbone.encode_images(px[:3]))
     assert [(p["task"], p["label"]) for p in out[0]] == [(p["task"], p["label"]) for p in alone]
+
+
+def test_bench_serve_grows_zoos_of_distinct_tasks(builtin_tasks):
+    """bench-serve's grown zoos use distinct two-class tasks of the built-in domains (labels
+    renumbered, disjoint pairs first, in turn over the domains), so a batch is routed to several
+    experts; asking for more experts than there are pairs is a one-line error before any work."""
+    from click.testing import CliRunner
+
+    from clipzoo.cli import main
+    from clipzoo.serve.bench import _pngs
+    from clipzoo.tasks.sequence import class_pair_tasks
+
+    tasks = [builtin_tasks[d] for d in ("shapes", "digits")]
+    parts = class_pair_tasks(tasks, 5)
+    assert [p.name for p in parts] == ["shapes-0-1", "digits-0-1", "shapes-2-3", "digits-2-3", "shapes-0-2"]
+    assert len({tuple(p.classes) for p in parts}) == 5
+    for p in parts:
+        t = next(x for x in tasks if p.name.startswith(x.name))
+        assert set(p.test.labels) == {0, 1} and len(p.test.images) == len(p.test.labels)
+        for im, y in zip(p.test.images, p.test.labels):
+            assert p.classes[y] == t.classes[t.test.labels[t.test.images.index(im)]]
+    assert len(_pngs(parts[:4])) == sum(len(p.test.images) for p in parts[:4])  # disjoint pairs: no image twice
+    assert len(class_pair_tasks(tasks, 55)) == 55 and len(_pngs(class_pair_tasks(tasks, 55))) == sum(len(t.test.images) for t in tasks)
+    res = CliRunner().invoke(main, ["bench-serve", "--out", "x.json", "--experts", "1,99"])
+    assert res.exit_code != 0 and "use at most 80" in res.output and len(res.output.strip().splitlines()) == 1
+
+
+def test_bench_serve_runs_end_to_end(tmp_path):
+    """A minimal bench-serve (one client count, a grown zoo of 2 experts, no reload, no in-encoder
+    row): every section is there and no request failed (figures are not asserted: a benchmark)."""
+    from clipzoo.serve.bench import run_bench, summary
+
+    res = run_bench(tmp_path / "b.json", [2], n_requests=2, experts=[2], in_encoder=[], per_class=2, reload=False)
+    assert res["throughput"][0]["failed"] == 0 and res["throughput"][0]["images_per_s"] > 0
+    (row,) = res["experts"]
+    assert row["experts"] == 2 and row["failed"] == 0 and row["in_process_cost_x_forward"] > 0
+    assert 1 <= row["distinct_per_batch"] <= 2 and res["in_encoder"] == []
+    assert "experts in the zoo" in summary(res) and (tmp_path / "b.json").is_file()

@@ -145,8 +145,10 @@ class Predictor:
             routing = r.as_dicts()
             fell, ood = (r.fallback.tolist() if fallback else [False] * len(feats)), r.ood_score
         out: list[dict] = [{"routing": routing[i]} for i in range(len(feats))]
-        groups = {n: [i for i, c in enumerate(chosen) if c == n and not fell[i]]
-                  for n in dict.fromkeys(c for c, f in zip(chosen, fell) if not f)}
+        groups: dict[str, list[int]] = {}
+        for i, (c, f) in enumerate(zip(chosen, fell)):
+            if not f:
+                groups.setdefault(c, []).append(i)
         for name in groups:
             if self.expert(name).needs_pixels and pixels is None:
                 raise ConfigError(f"expert {name!r} ({self.expert(name).kind}) needs images, not only cached features")

@@ -60,13 +60,14 @@ def serve(zoo_dir: str, host: str, port: int, max_batch: int, max_wait_ms: float
               help="Requests per row.")
 @click.option("--images-per-request", "per_request", default=1, show_default=True, type=int, callback=at_least_one,
               help="Images in each request (more than one: multipart).")
-@click.option("--experts", default="1,8,64", show_default=True, help="Zoo sizes for the experts sweep ('none': skip).")
+@click.option("--experts", default="1,8,64", show_default=True,
+              help="Zoo sizes for the experts sweep, one two-class built-in task an expert (at most 80; 'none': skip).")
 @click.option("--in-encoder", default="1,4,8", show_default=True,
-              help="Counts of in-encoder experts routed in one batch ('none': skip).")
+              help="Zoo sizes of in-encoder experts, one two-class task each, routed in one batch ('none': skip).")
 @click.option("--in-encoder-kind", default="vit-adapter", show_default=True,
               help="Their kind (an expert that works inside the image encoder: vit-adapter, lora, vl-adapter).")
 @click.option("--per-class", default=32, show_default=True, type=int, callback=at_least_one,
-              help="Train and test images per class of the two built-in tasks.")
+              help="Train and test images per class of the built-in tasks.")
 @click.option("--reload/--no-reload", default=True, show_default=True, help="Measure a hot reload under load.")
 @click.option("--backbone", default=None, help="Another open_clip architecture, e.g. ViT-B-32 (random weights, "
               "saved to a local safetensors file; no download).")

@@ -86,7 +86,7 @@ def _add_source_weights(zoo: Any, feats: torch.Tensor, preds: list[dict], pixels
 def predict_batch(zoo: Any, jobs: Sequence[tuple[torch.Tensor, Options]]) -> list[list[dict] | BaseException]:
     """Answers for a batch of requests, each ``(pixels, options)``: one backbone forward over all
     their images, then, per distinct options, one ``predict_features`` call (which runs each routed
-    expert once on its sub-batch; in-encoder experts get the same pixels). A failure of one group of
+    expert once on its sub-batch, the in-encoder ones in one shared tower pass). A failure of one group of
     options is returned in place of the answers of its requests; the others are answered."""
     if not jobs:
         return []

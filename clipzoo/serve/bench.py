@@ -3,17 +3,18 @@
 - throughput under N concurrent clients against the bare backbone on the same images, batched
   like the server (decode + preprocess + forward, and the forward alone);
 - p50 / p99 latency per N;
-- in-encoder experts (``--in-encoder-kind``, vit-adapter by default): zoos of 1, 4, 8 such experts
-  (copies of one trained expert, the router rebuilt over them, so one batch is routed to several
-  of them), served under the largest client count; the server's cost against the backbone's, and
-  the same in process (``predict_batch`` against ``encode_images`` on the same batches), with the
-  distinct experts routed per batch. Each in-encoder expert runs the image tower again on its own
-  rows, so the model cost is about one backbone pass plus one tower pass over the batch, plus
-  per-group overhead that grows with the number of groups;
+- in-encoder experts (``--in-encoder-kind``, vit-adapter by default): zoos of 1, 4, 8 such experts,
+  each trained on its own two-class task cut from the built-in domains (so a mixed batch is routed
+  to several of them), served with those tasks' test images under the largest client count; the
+  server's cost against the backbone's, and the same in process (``predict_batch`` against
+  ``encode_images`` on the same batches), with the distinct experts routed per batch. The rows of
+  every routed in-encoder expert share one pass of the image tower, each row with its own
+  expert's hooks (:class:`clipzoo.zoo.encoders.RowHooks`), so the model cost is about one backbone
+  pass plus one tower pass over the batch, plus small per-expert adapter work at each hooked site;
 - a hot reload under load: clients keep posting while another process (``clipzoo add-task``)
   adds a task; failed requests are counted and the versions seen reported;
-- throughput with 1, 8 and 64 experts (synthetic: copies of one trained expert under new names,
-  then the router rebuilt over all of them, so a batch spreads over many experts);
+- throughput with 1, 8 and 64 clip-adapter experts, grown the same way (64 distinct two-class
+  tasks), each zoo served with its tasks' test images, with the same in-process figures;
 - time to the first answer of a fresh ``clipzoo serve`` process against a fresh process that
   loads the model with open_clip itself (``open_clip.create_model`` with the weights file) and
   encodes one image.
@@ -24,7 +25,6 @@ The server runs as its own process (``clipzoo serve``), the clients as asyncio t
 from __future__ import annotations
 
 import asyncio
-import copy
 import io
 import json
 import os
@@ -42,8 +42,12 @@ from typing import Any
 import torch
 
 from clipzoo import __version__
+from clipzoo.errors import ConfigError
+from clipzoo.tasks.sequence import class_pair_tasks
+from clipzoo.tasks.synthetic import DOMAINS
 
 MAX_BATCH, MAX_WAIT_MS = 32, 10.0
+GROW_DOMAINS = ("shapes", "colours", "textures", "digits")  # their class pairs: the distinct tasks of the grown zoos
 
 
 def _free_port() -> int:
@@ -159,24 +163,6 @@ def _backbone_rate(zoo: Any, images: list[bytes], repeats: int = 3) -> dict:
     return {"decode_preprocess_forward_images_per_s": round(max(full), 2), "forward_images_per_s": round(max(fwd), 2)}
 
 
-def _clone_zoo(src: Path, dst: Path, n: int) -> Path:
-    """A synthetic zoo of ``n`` experts: the first expert of ``src`` copied under ``n`` names, the
-    router then rebuilt over all of them (through the public ``refresh_router``)."""
-    from clipzoo.zoo import registry
-    from clipzoo.zoo.zoo import Zoo
-
-    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(".readers", ".trash", ".staging-*"))
-    reg = registry.read(dst)
-    name, rec = next(iter(reg["experts"].items()))
-    for i in range(1, n):
-        new = f"{name}-{i}"
-        shutil.copytree(dst / registry.EXPERTS_DIR / name, dst / registry.EXPERTS_DIR / new)
-        reg["experts"][new] = {**copy.deepcopy(rec), "name": new}
-    registry.write(dst, reg)
-    Zoo.open(dst).refresh_router()
-    return dst
-
-
 def _open_clip_load_s(spec: Any, probe: bytes) -> float:
     """A fresh process that loads the model with open_clip itself (``create_model`` with the
     weights file, the tiny model's config registered first) and encodes one image."""
@@ -196,50 +182,75 @@ def _open_clip_load_s(spec: Any, probe: bytes) -> float:
     return time.perf_counter() - t0
 
 
-def _in_encoder(zoo_src: Path, tmp: Path, images: list[bytes], counts: list[int], clients: int,
-                n_requests: int, per_request: int, base: float) -> list[dict]:
-    """One row per count of in-encoder experts (copies of the one expert of ``zoo_src``): the
-    server's throughput and its cost against ``base`` (the backbone's img/s), and in process
-    ``predict_batch`` against ``encode_images`` on the same batches (per batch the best of five), with the
-    distinct experts routed per batch and the share of inputs that fell back to zero-shot."""
+def _grow(tasks: list[Any], spec: Any, kind: str, counts: list[int], tmp: Path, label: str):
+    """Add the tasks one by one as experts of ``kind`` to a new zoo and yield ``(n, copy of the zoo
+    with n experts)`` for each ``n`` in ``counts``."""
+    from clipzoo.zoo.train import TrainSettings
+    from clipzoo.zoo.zoo import Zoo
+
+    z = Zoo.create(tmp / f"zoo-{label}", spec)
+    for i, t in enumerate(tasks[:max(counts)], 1):
+        z.add_task(t, kind=kind, train=TrainSettings(epochs=2))
+        if i in counts:
+            path = tmp / f"zoo-{label}-{i}"
+            shutil.copytree(z.root, path, ignore=shutil.ignore_patterns(".readers", ".trash", ".staging-*"))
+            yield i, path
+
+
+def _measure_zoo(path: Path, images: list[bytes], clients: int, n_requests: int, per_request: int) -> dict:
+    """One zoo on ``images``: the distinct experts routed per batch, the share that fell back to
+    zero-shot, in process ``predict_batch`` against ``encode_images`` on the same batches (per
+    batch the best of five, interleaved), the backbone's img/s, and the server's figures."""
     from PIL import Image
 
     from clipzoo.serve.batcher import Options, predict_batch
     from clipzoo.zoo.zoo import Zoo
 
-    rows = []
-    for n in counts:
-        path = _clone_zoo(zoo_src, tmp / f"zoo-enc-{n}", n)
-        z = Zoo.open(path)
-        bb = z.backbone
-        batches = [torch.stack([bb.preprocess(Image.open(io.BytesIO(b)).convert("RGB")) for b in images[s:s + MAX_BATCH]])
-                   for s in range(0, len(images), MAX_BATCH)]
-        distinct, fell = [], 0
-        for px in batches:
-            r = z.route(bb.encode_images(px), 1)
-            fell += int(r.fallback.sum())
-            distinct.append(len({int(i) for i, f in zip(r.indices[:, 0], r.fallback) if not f}))
-        t_fwd, t_all = 0.0, 0.0
-        for px in batches:  # per batch, the best of five of each, interleaved (the machine is shared)
-            f, a = [], []
-            for _ in range(5):
-                t0 = time.perf_counter()
-                bb.encode_images(px)
-                t1 = time.perf_counter()
-                predict_batch(z, [(px, Options())])
-                f.append(t1 - t0)
-                a.append(time.perf_counter() - t1)
-            t_fwd, t_all = t_fwd + min(f), t_all + min(a)
-        with Server(path, images[0]) as srv:
-            asyncio.run(_load(srv.url, images, 4, 16))
-            row = asyncio.run(_load(srv.url, images, clients, n_requests, per_request=per_request))
-        rows.append({"experts": n, "kind": z.expert(z.names[0]).kind, "distinct_per_batch": round(statistics.mean(distinct), 2),
-                     "fallback_share": round(fell / len(images), 3), "clients": clients,
-                     **{k: row[k] for k in ("images_per_s", "p50_ms", "p99_ms", "failed")},
-                     "ratio_to_backbone": round(row["images_per_s"] / base, 3),
-                     "server_cost_x_backbone": round(base / row["images_per_s"], 3),
-                     "in_process_cost_x_forward": round(t_all / t_fwd, 3)})
-    return rows
+    z = Zoo.open(path)
+    bb = z.backbone
+    base = _backbone_rate(z, images)["decode_preprocess_forward_images_per_s"]
+    batches = [torch.stack([bb.preprocess(Image.open(io.BytesIO(b)).convert("RGB")) for b in images[s:s + MAX_BATCH]])
+               for s in range(0, len(images), MAX_BATCH)]
+    distinct, fell, t_fwd, t_all = [], 0, 0.0, 0.0
+    for px in batches:
+        r = z.route(bb.encode_images(px), 1)
+        fell += int(r.fallback.sum())
+        distinct.append(len({int(k) for k, f in zip(r.indices[:, 0], r.fallback) if not f}))
+        f, a = [], []
+        for _ in range(5):  # the machine is shared: the best of five of each, interleaved
+            t0 = time.perf_counter()
+            bb.encode_images(px)
+            t1 = time.perf_counter()
+            predict_batch(z, [(px, Options())])
+            f.append(t1 - t0)
+            a.append(time.perf_counter() - t1)
+        t_fwd, t_all = t_fwd + min(f), t_all + min(a)
+    with Server(path, images[0]) as srv:
+        asyncio.run(_load(srv.url, images, 4, 16))
+        row = asyncio.run(_load(srv.url, images, clients, n_requests, per_request=per_request))
+    return {"kind": z.expert(z.names[0]).kind, "distinct_per_batch": round(statistics.mean(distinct), 2),
+            "fallback_share": round(fell / len(images), 3), "clients": clients,
+            **{k: row[k] for k in ("images_per_s", "p50_ms", "p99_ms", "failed")},
+            "ratio_to_backbone": round(row["images_per_s"] / base, 3),
+            "server_cost_x_backbone": round(base / row["images_per_s"], 3),
+            "in_process_cost_x_forward": round(t_all / t_fwd, 3)}
+
+
+def _pngs(tasks: list[Any]) -> list[bytes]:
+    """PNG bytes of the tasks' test images, each image once (class-pair tasks share images)."""
+    seen, out = set(), []
+    for t in tasks:
+        for im in t.test.images:
+            if id(im) not in seen:
+                seen.add(id(im))
+                buf = io.BytesIO()
+                im.save(buf, "PNG")
+                out.append(buf.getvalue())
+    return out
+
+
+def _shuffled(images: list[bytes]) -> list[bytes]:
+    return [images[k] for k in torch.randperm(len(images), generator=torch.Generator().manual_seed(0))]
 
 
 def _add_task_proc(zoo: Path) -> subprocess.Popen:
@@ -257,24 +268,20 @@ def run_bench(out: str | Path, clients: list[int], n_requests: int = 64, experts
     from clipzoo.zoo.train import TrainSettings
     from clipzoo.zoo.zoo import Zoo
 
+    pairs = sum(len(c) * (len(c) - 1) // 2 for d, c in DOMAINS.items() if d in GROW_DOMAINS)
+    if max([*in_encoder, *experts, 0]) > pairs:
+        raise ConfigError(f"--in-encoder / --experts ask for {max([*in_encoder, *experts])} experts; the built-in "
+                          f"domains' class pairs give {pairs}: use at most {pairs}")
     tmp = Path(tempfile.mkdtemp(prefix="clipzoo-bench-serve-"))
     old_cache = os.environ.get("CLIPZOO_CACHE")
     os.environ.setdefault("CLIPZOO_CACHE", str(tmp / "cache"))
     try:
         spec = BackboneSpec(model=backbone, pretrained=_random_weights(backbone, tmp)) if backbone else BackboneSpec()
         zoo = Zoo.create(tmp / "zoo", spec)
-        tasks = {d: load_builtin(d, n_train=per_class, n_test=per_class) for d in ("shapes", "colours")}
-        for t in tasks.values():
-            zoo.add_task(t, train=TrainSettings(epochs=5))
-        one = _clone_zoo(tmp / "zoo", tmp / "zoo-one", 1)
-        Zoo.open(one).remove("colours")
-
-        def png(im: Any) -> bytes:
-            buf = io.BytesIO()
-            im.save(buf, "PNG")
-            return buf.getvalue()
-
-        images = [png(im) for t in tasks.values() for im in t.test.images]
+        tasks = {d: load_builtin(d, n_train=per_class, n_test=per_class) for d in GROW_DOMAINS}
+        for d in ("shapes", "colours"):
+            zoo.add_task(tasks[d], train=TrainSettings(epochs=5))
+        images = _pngs([tasks["shapes"], tasks["colours"]])
         res: dict[str, Any] = {
             "clipzoo_version": __version__, "backbone": {"model": spec.model, "pretrained": "random weights, local "
                                                          "safetensors file" if backbone else spec.pretrained},
@@ -302,19 +309,14 @@ def run_bench(out: str | Path, clients: list[int], n_requests: int = 64, experts
             row["ratio_to_backbone"] = round(row["images_per_s"] / base, 3)
         res["first_answer_ratio"] = round(res["first_answer_s"] / res["open_clip_load_s"], 3)
         n_clients = max(clients)
-        if in_encoder:
-            enc = Zoo.create(tmp / "zoo-enc", spec)
-            enc.add_task(tasks["shapes"], kind=in_encoder_kind, train=TrainSettings(epochs=2))
-            own = [png(im) for im in tasks["shapes"].test.images]  # its own task's images: routed, none fall back
-            res["in_encoder"] = _in_encoder(tmp / "zoo-enc", tmp, own, list(in_encoder), n_clients, n_requests,
-                                            per_request, _backbone_rate(enc, own)["decode_preprocess_forward_images_per_s"])
-        res["experts"] = []
-        for e in experts:
-            z = _clone_zoo(one, tmp / f"zoo-{e}", e) if e > 1 else one
-            with Server(z, images[0]) as srv:
-                asyncio.run(_load(srv.url, images, 4, 16))
-                row = asyncio.run(_load(srv.url, images, n_clients, n_requests, per_request=per_request))
-            res["experts"].append({"experts": e, **{k: row[k] for k in ("images_per_s", "p50_ms", "p99_ms", "failed")}})
+        res["in_encoder"], res["experts"] = [], []
+        for key, kind, counts in (("in_encoder", in_encoder_kind, in_encoder), ("experts", "clip-adapter", experts)):
+            if not counts:
+                continue
+            parts = class_pair_tasks(list(tasks.values()), max(counts))
+            for n, path in _grow(parts, spec, kind, sorted(set(counts)), tmp, key):
+                res[key].append({"experts": n, **_measure_zoo(path, _shuffled(_pngs(parts[:n])), n_clients,
+                                                              n_requests, per_request)})
         for row in res["experts"]:
             row["ratio_to_first"] = round(row["images_per_s"] / res["experts"][0]["images_per_s"], 3)
     finally:
@@ -367,16 +369,16 @@ def summary(res: dict) -> str:
         h = res["hot_reload"]
         lines += ["", f"hot reload under load: {h['requests']} requests from {h['clients']} clients, {h['failed']} "
                       f"failed, versions seen {h['versions']}, p99 {h['p99_ms']} ms"]
-    if res.get("in_encoder"):
-        lines += ["", "| in-encoder experts | kind | distinct per batch | clients | img/s | server cost x backbone "
-                      "| in-process cost x forward | p50 ms | p99 ms | failed |", "|---|---|---|---|---|---|---|---|---|---|"]
-        lines += [f"| {r['experts']} | {r['kind']} | {r['distinct_per_batch']} | {r['clients']} | {r['images_per_s']} | "
-                  f"{r['server_cost_x_backbone']} | {r['in_process_cost_x_forward']} | {r['p50_ms']} | {r['p99_ms']} | "
-                  f"{r['failed']} |" for r in res["in_encoder"]]
-    if res["experts"]:
-        lines += ["", "| experts | img/s | x 1 expert | p50 ms | p99 ms |", "|---|---|---|---|---|"]
-        lines += [f"| {r['experts']} | {r['images_per_s']} | {r['ratio_to_first']} | {r['p50_ms']} | {r['p99_ms']} |"
-                  for r in res["experts"]]
+    for key, title in (("in_encoder", "in-encoder experts"), ("experts", "experts in the zoo")):
+        if res.get(key):
+            lines += ["", f"| {title} | kind | distinct per batch | fallback share | clients | img/s | server cost x backbone "
+                          "| in-process cost x forward | p50 ms | p99 ms | failed |", "|---" * 11 + "|"]
+            lines += [f"| {r['experts']} | {r['kind']} | {r['distinct_per_batch']} | {r['fallback_share']} | {r['clients']} | "
+                      f"{r['images_per_s']} | {r['server_cost_x_backbone']} | {r['in_process_cost_x_forward']} | "
+                      f"{r['p50_ms']} | {r['p99_ms']} | {r['failed']} |" for r in res[key]]
+    if res.get("experts"):
+        lines += ["", "throughput with " + ", ".join(f"{r['experts']} experts {r['ratio_to_first']}x"
+                                                     for r in res["experts"]) + " that with the first"]
     lines += ["", f"first answer {res['first_answer_s']} s after start; open_clip create_model + weights file + "
                   f"one image {res['open_clip_load_s']} s (ratio {res['first_answer_ratio']})"]
     return "\n".join(lines)
