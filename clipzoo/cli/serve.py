@@ -56,8 +56,8 @@ def serve(zoo_dir: str, host: str, port: int, max_batch: int, max_wait_ms: float
 @click.option("--out", default="bench-serve.json", show_default=True, type=click.Path(dir_okay=False),
               help="Where to write the JSON (machine, settings, figures).")
 @click.option("--clients", default="1,8,32", show_default=True, help="Concurrent client counts to measure.")
-@click.option("--requests", "n_requests", default=64, show_default=True, type=int, callback=at_least_one,
-              help="Requests per row.")
+@click.option("--requests", "n_requests", default=256, show_default=True, type=int, callback=at_least_one,
+              help="Requests per row (several per client, so a row measures the steady state, not the ramp).")
 @click.option("--images-per-request", "per_request", default=1, show_default=True, type=int, callback=at_least_one,
               help="Images in each request (more than one: multipart).")
 @click.option("--experts", default="1,8,64", show_default=True,
@@ -80,8 +80,8 @@ def bench_serve(out: str, clients: str, n_requests: int, per_request: int, exper
 
     \b
     Example: clipzoo bench-serve --out bench-serve.json
-             clipzoo bench-serve --backbone ViT-B-32 --clients 1,8 --requests 16 --images-per-request 2 \\
-                 --per-class 3 --experts none --in-encoder none --no-reload
+             clipzoo bench-serve --backbone ViT-B-32 --clients 8,32 --images-per-request 2 --per-class 3 \\
+                 --experts none --in-encoder 1,8 --no-reload
     """
     _need_serve_extra()
     from clipzoo.serve.bench import run_bench, summary

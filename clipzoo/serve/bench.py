@@ -258,7 +258,7 @@ def _add_task_proc(zoo: Path) -> subprocess.Popen:
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
-def run_bench(out: str | Path, clients: list[int], n_requests: int = 64, experts: list[int] = (1, 8, 64),
+def run_bench(out: str | Path, clients: list[int], n_requests: int = 256, experts: list[int] = (1, 8, 64),
               backbone: str | None = None, in_encoder: list[int] = (1, 4, 8), in_encoder_kind: str = "vit-adapter",
               per_request: int = 1, per_class: int = 32, reload: bool = True) -> dict:
     """Run every measurement, write the JSON to ``out`` and return it. An empty ``experts`` or
