@@ -80,6 +80,7 @@ class RowHooks:
         def fn(x: torch.Tensor) -> torch.Tensor:
             out = None
             for rows, fns in used:
+                rows = rows.to(x.device)
                 sub = x[rows]
                 d = sum(f(sub) for f in fns)
                 out = x.new_zeros((len(x), *d.shape[1:])) if out is None else out
@@ -92,6 +93,7 @@ class RowHooks:
         def fn(x: torch.Tensor) -> torch.Tensor:
             out = x.clone()
             for rows, fns in used:
+                rows = rows.to(x.device)
                 sub = x[rows]
                 for f in fns:
                     sub = f(sub)
