@@ -166,7 +166,8 @@ class OODDetector:
     def _candidate_scores(self, feats: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
         """``min`` over each row's candidate tasks of ``d_t(x) + log det Sigma_t``: ``(B,)``. The
         (row, candidate) pairs are grouped by task and padded to ``(G, R_max, D)``, so one batched
-        triangular solve and one distance computation serve every candidate task."""
+        triangular solve and one distance computation serve every candidate task (at worst, one
+        task holding nearly every row, about the work of scoring every task)."""
         L, wm, pad = self._stacked()
         rows = torch.arange(len(feats)).repeat_interleave(candidates.shape[1])
         task = candidates.reshape(-1)

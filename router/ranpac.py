@@ -121,7 +121,6 @@ class RanpacRouter:
         self._reader: Callable[[str], TaskStats] | None = None
         self._ood: OODDetector | None = None
         self.w = self.b = torch.empty(0)
-        self._task_of: tuple[tuple[int, ...] | None, torch.Tensor] = (None, torch.empty(0))  # class -> task index
         self.info: dict = {}
 
     # ----- building and updating -------------------------------------------------------------
@@ -228,10 +227,8 @@ class RanpacRouter:
         task's classes, each task's own maximum taken out first (so every task keeps a finite
         score, however far below the best class it is); terms over 80 nats below their task's
         maximum are dropped (a relative change under 1e-34)."""
-        if self._task_of[0] != tuple(self.sizes):
-            self._task_of = (tuple(self.sizes), torch.repeat_interleave(torch.arange(len(self.sizes)),
-                                                                        torch.tensor(self.sizes)))
-        task_of, xt = self._task_of[1], class_logp.float().T.contiguous()          # (K,), (K, B)
+        task_of = torch.repeat_interleave(torch.arange(len(self.sizes)), torch.tensor(self.sizes))  # (K,)
+        xt = class_logp.float().T.contiguous()                                                       # (K, B)
         top = torch.full((len(self.sizes), xt.shape[1]), float("-inf")).scatter_reduce_(
             0, task_of[:, None].expand_as(xt), xt, "amax")
         mass = (xt - top[task_of]).clamp_(min=-80).exp_()

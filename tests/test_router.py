@@ -199,13 +199,17 @@ def test_scoring_only_the_routed_candidates_keeps_every_decision(synth):
     feats = torch.cat([x for _, x in synth.values()] + [F.normalize(torch.randn(100, DIM, generator=g), dim=1)])
     full = r.ood.score(feats)
     assert 0 < int((full > 0).sum()) < len(feats)  # both kinds of rows are exercised
+    # rows within float noise of the threshold may fall either way through another computation path
+    clear = (full.abs() > 1e-3).nonzero()[:, 0]
+    assert len(clear) > len(feats) - 5
     for k in (1, 2):
         cand = r.route(feats, k).indices
         fast = r.ood.score(feats, candidates=cand)
-        assert torch.equal(fast > 0, full > 0)
+        assert torch.equal(fast[clear] > 0, full[clear] > 0)
         torch.testing.assert_close(fast[full > 0], full[full > 0], rtol=1e-4, atol=1e-3)
-        assert (fast[full <= 0] <= 0).all() and (fast[full <= 0] >= full[full <= 0] - 1e-3).all()
-        assert torch.equal(r.route(feats, k).fallback, full > 0)
+        inside = clear[full[clear] <= 0]
+        assert (fast[inside] <= 0).all() and (fast[full <= 0] >= full[full <= 0] - 1e-3).all()
+        assert torch.equal(r.route(feats, k).fallback[clear], full[clear] > 0)
     seen = []
     real = r.ood.score
     r.ood.score = lambda f, padded=None, candidates=None: seen.append(len(f)) or real(f, padded, candidates)

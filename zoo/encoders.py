@@ -29,6 +29,7 @@ from clipzoo.errors import ConfigError
 
 TOWERS = ("image", "text")
 SITES = ("qkv", "out", "fc", "proj", "post_attn", "post_mlp")
+MAP_SITES = ("post_attn", "post_mlp")  # hooks that map the sub-layer output; the others add a delta
 Hook = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -61,8 +62,6 @@ class RowHooks:
     group's hooks run on that group's rows only. ``groups`` pairs row indices ``(n,)`` with
     the :class:`Hooks` those rows use; rows in no group pass through the frozen block alone."""
 
-    DELTA_SITES = ("qkv", "out", "fc", "proj")
-
     def __init__(self, groups: list[tuple[torch.Tensor, Hooks]]) -> None:
         self.groups = groups
 
@@ -73,7 +72,7 @@ class RowHooks:
         used = [(rows, fns) for rows, h in self.groups if (fns := h.get(tower, block, site))]
         if not used:
             return []
-        return [self._delta(used) if site in self.DELTA_SITES else self._map(used)]
+        return [self._map(used) if site in MAP_SITES else self._delta(used)]
 
     @staticmethod
     def _delta(used: list[tuple[torch.Tensor, list[Hook]]]) -> Hook:

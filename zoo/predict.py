@@ -149,15 +149,19 @@ class Predictor:
         for i, (c, f) in enumerate(zip(chosen, fell)):
             if not f:
                 groups.setdefault(c, []).append(i)
-        for name in groups:
-            if self.expert(name).needs_pixels and pixels is None:
-                raise ConfigError(f"expert {name!r} ({self.expert(name).kind}) needs images, not only cached features")
-        encoded = self._encode_shared(groups, pixels)
+        experts = {n: self.expert(n) for n in groups}
+        for name, exp in experts.items():  # checked before any work
+            if exp.needs_pixels and pixels is None:
+                raise ConfigError(f"expert {name!r} ({exp.kind}) needs images, not only cached features")
+        encoded = self._encode_shared(groups, experts, pixels)
         for name, idx in groups.items():
-            exp = self.expert(name)
+            exp = experts[name]
             with torch.no_grad():
-                logp = (exp(feats[idx], encoded=encoded[name]) if name in encoded else
-                        exp(feats[idx], pixels(idx)) if exp.needs_pixels else exp(feats[idx])).log_softmax(1)
+                if name in encoded:
+                    logits = exp(feats[idx], encoded=encoded[name])
+                else:
+                    logits = exp(feats[idx], pixels(idx)) if exp.needs_pixels else exp(feats[idx])
+                logp = logits.log_softmax(1)
             if extra is not None and name in extra and weight:
                 logp = (logp + weight * extra.rows(name, idx)).log_softmax(1)
             score, label = logp.exp().max(1)
@@ -166,11 +170,12 @@ class Predictor:
                           "routing": routing[i], "fallback": False}
         return self._fall_back(out, feats, fell, ood, classes)
 
-    def _encode_shared(self, groups: dict[str, list[int]], pixels: PixelFn | None) -> dict[str, torch.Tensor]:
+    def _encode_shared(self, groups: dict[str, list[int]], experts: dict, pixels: PixelFn | None
+                       ) -> dict[str, torch.Tensor]:
         """One image-tower pass over the rows of every routed in-encoder expert, each row with its
         own expert's hooks (:class:`clipzoo.zoo.encoders.RowHooks`): the frozen blocks run once
         for the batch however many experts share it. Expert name -> its rows' tower output."""
-        hooked = {n: (idx, h) for n, idx in groups.items() if (h := self.expert(n).encoder_hooks()) is not None}
+        hooked = {n: (idx, h) for n, idx in groups.items() if (h := experts[n].encoder_hooks()) is not None}
         if not hooked or pixels is None:
             return {}
         parts, start = [], 0
