@@ -20,19 +20,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from clipzoo.errors import ConfigError
+from clipzoo.router.entry import DEFAULT_QUANTILE, check_quantile
 from clipzoo.router.shrinkage import ledoit_wolf
 
 QUANTILES = torch.linspace(0, 1, 101, dtype=torch.float64)
-DEFAULT_QUANTILE = 0.99
-
-
-
-def check_quantile(q: float) -> float:
-    """``q`` if it is a valid fallback quantile, else ConfigError."""
-    if not 0.0 < q < 1.0:
-        raise ConfigError(f"OOD quantile must be in (0, 1), got {q}")
-    return q
 
 def class_gaussians(x: np.ndarray, y: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     """Per-class means ``(C, D)`` (the overall mean for an empty class) and the pooled within-class

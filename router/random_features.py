@@ -7,9 +7,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-PROJECTION_DIM = 2048
-PROJECTION_SEED = 0
-RANK = 64
+from clipzoo.router.lda import PROJECTION_DIM, PROJECTION_SEED, RANK
+
 HEAD_SHRINKAGE = 0.3  # of a task's own class head (chosen on validation splits; README, router section)
 
 

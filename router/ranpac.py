@@ -24,19 +24,17 @@ chosen on validation splits carved from training data (README, router section).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
-from clipzoo.errors import ConfigError, RegistryError
+from clipzoo.errors import RegistryError
 from clipzoo.router.gate import Routing, top_k
+from clipzoo.router.entry import RANPAC
+from clipzoo.router.lda import RanpacConfig, SharedLda, Terms
 from clipzoo.router.ood import DEFAULT_QUANTILE, OODDetector, detector_from_stats
-from clipzoo.router.random_features import (PROJECTION_DIM, PROJECTION_SEED, RANK, class_head, projection,
-                                            random_features)
+from clipzoo.router.random_features import class_head, projection, random_features
 from clipzoo.router.stats import TaskStats
 
 
@@ -75,53 +73,26 @@ class TaskPosteriors(Mapping):
     def __len__(self) -> int:
         return len(self._names)
 
-KIND = "ranpac"
+KIND = RANPAC
 
 
-@dataclass
-class RanpacConfig:
-    """Settings of the class-Gaussian router (saved in its JSON file)."""
-
-    shrinkage: float = 0.01      # weight of tr(S)/M I in the shared covariance
-    answer_weight: float = 0.25  # weight of log p(class | x, task) added to the expert's log-probabilities
-    head_shrinkage: float | None = None  # None: each task's stored head; a value: heads rebuilt so (benchmarks)
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.shrinkage <= 1 or self.answer_weight < 0:
-            raise ConfigError("ranpac shrinkage must be in [0, 1] and answer_weight >= 0")
-        if self.head_shrinkage is not None and not 0 <= self.head_shrinkage <= 1:
-            raise ConfigError("ranpac head_shrinkage must be in [0, 1]")
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "RanpacConfig":
-        unknown = sorted(set(d) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ConfigError(f"unknown ranpac router settings {', '.join(unknown)}")
-        return cls(**d)
-
-
-class RanpacRouter:
-    """Routes by the class posterior of shared-covariance LDA on random features; OOD by the
-    calibrated detector of :mod:`clipzoo.router.ood` (``ood_score > 0`` -> zero-shot fallback)."""
+class RanpacRouter(SharedLda):
+    """Routes by the class posterior of shared-covariance LDA on random features (the state and
+    its solve: :class:`clipzoo.router.lda.SharedLda`); OOD by the calibrated detector of
+    :mod:`clipzoo.router.ood` (``ood_score > 0`` -> zero-shot fallback)."""
 
     name = KIND
 
     def __init__(self, dim: int, config: RanpacConfig = RanpacConfig(), ood_quantile: float = DEFAULT_QUANTILE):
-        self.dim, self.config, self.ood_quantile = dim, config, ood_quantile
+        super().__init__(dim, config, ood_quantile)
         self.proj = projection(dim)
-        self.names: list[str] = []
-        self.sizes: list[int] = []
-        self.means = torch.empty(0, PROJECTION_DIM, dtype=torch.float64)     # (K, M) every class of every task
         self._heads: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # each task's own class head (w, b)
-        self.scatter = torch.zeros(PROJECTION_DIM, PROJECTION_DIM, dtype=torch.float64)
-        self.count = 0.0
         # each task's statistics (its class head, the OOD detector), read on first use: adding a
         # task to a loaded router reads no other task's file
         self._stats: dict[str, TaskStats | None] = {}
         self._reader: Callable[[str], TaskStats] | None = None
         self._ood: OODDetector | None = None
-        self.w = self.b = torch.empty(0)
-        self.info: dict = {}
+        self._wb: tuple[torch.Tensor, torch.Tensor] | None = None  # torch views of the solved weights
 
     # ----- building and updating -------------------------------------------------------------
     @classmethod
@@ -131,49 +102,32 @@ class RanpacRouter:
             raise RegistryError("a ranpac router needs at least one task's statistics")
         r = cls(next(iter(stats.values())).class_means.shape[1], config, ood_quantile)
         for n, s in stats.items():
-            r._include(n, s)
-        r._solve()
+            r.include(n, s)
+        r.solve()
         return r
 
-    def _term(self, s: TaskStats) -> torch.Tensor:
-        f = s.rp_factor.double()
-        return f @ f.T + float(s.rp_rest) * torch.eye(f.shape[0], dtype=torch.float64)
-
-    def _include(self, name: str, s: TaskStats) -> None:
-        if name in self.names:
-            raise RegistryError(f"the router already has a slot for {name!r}")
-        if s.rp_head_w is None:
-            raise RegistryError(f"task {name!r} has statistics from an older clipzoo without random-feature "
-                                "means: remove the task and add it again, or use --kind learned")
-        if s.rp_means.shape[1] != PROJECTION_DIM or s.class_means.shape[1] != self.dim:
-            raise ConfigError(f"task {name!r} has {s.class_means.shape[1]}-d features, the router {self.dim}-d")
-        self.names.append(name)
-        self.sizes.append(len(s.rp_means))
-        self.means = torch.cat([self.means, s.rp_means.double()])
-        self.scatter += self._term(s)
-        self.count += float(s.class_counts.sum())
+    def include(self, name: str, s: TaskStats) -> None:
+        super().include(name, Terms.of(name, s))
         self._stats[name] = s
         self._ood = None
 
     def add(self, name: str, stats: TaskStats) -> None:
         """Add a task's classes and scatter; one ``M x M`` solve whatever the number of tasks."""
-        self._include(name, stats)
-        self._solve()
+        self.include(name, stats)
+        self.solve()
 
     def remove(self, name: str, stats: TaskStats) -> None:
         """Drop a task's classes and subtract its scatter (``stats``: the task's statistics)."""
-        if name not in self.names:
-            raise RegistryError(f"the router has no slot for {name!r}")
-        i = self.names.index(name)
-        start = sum(self.sizes[:i])
-        self.means = torch.cat([self.means[:start], self.means[start + self.sizes[i]:]])
+        self.exclude(name, Terms.of(name, stats))
         self._heads.pop(name, None)
-        self.scatter -= self._term(stats)
-        self.count -= float(stats.class_counts.sum())
-        del self.names[i], self.sizes[i], self._stats[name]
+        del self._stats[name]
         self._ood = None
         if self.names:
-            self._solve()
+            self.solve()
+
+    def solve(self) -> None:
+        super().solve()
+        self._wb = None
 
     def stats(self, name: str) -> TaskStats:
         """Task ``name``'s statistics, read on first use when the router was loaded from a file."""
@@ -198,16 +152,12 @@ class RanpacRouter:
             self._heads[name] = (w.float(), b.float())
         return self._heads[name]
 
-    def _solve(self) -> None:
-        import time
-
-        t0 = time.perf_counter()
-        m, s, n = self.scatter.shape[0], self.config.shrinkage, max(self.count, 1.0)
-        cov = self.scatter * ((1 - s) / n)   # (1 - s) S / n + s tr(S / n) / m I, in two passes over M x M
-        cov.diagonal().add_(s * float(torch.trace(self.scatter)) / (n * m))
-        w = torch.cholesky_solve(self.means.T, torch.linalg.cholesky(cov)).T
-        self.w, self.b = w.float(), (-0.5 * (w * self.means).sum(1)).float()
-        self.info = {"update_seconds": round(time.perf_counter() - t0, 4), "classes": int(len(self.means))}
+    @property
+    def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The solved class weights ``(K, M)`` and biases ``(K,)`` as torch tensors (shared memory)."""
+        if self._wb is None:
+            self._wb = torch.from_numpy(self.w), torch.from_numpy(self.b)
+        return self._wb
 
     # ----- routing ---------------------------------------------------------------------------
     @property
@@ -220,7 +170,8 @@ class RanpacRouter:
     def class_log_posterior(self, feats: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor:
         """``log p(class | x)`` over every class of every task, ``(B, K)`` in task order."""
         h = random_features(feats, self.proj) if h is None else h
-        return (h @ self.w.T + self.b).log_softmax(1)
+        w, b = self.weights
+        return (h @ w.T + b).log_softmax(1)
 
     def task_scores(self, class_logp: torch.Tensor) -> torch.Tensor:
         """``log p(task | x)`` ``(B, E)`` from :meth:`class_log_posterior`: a log-sum-exp over each
@@ -253,31 +204,11 @@ class RanpacRouter:
         return r
 
     # ----- files -----------------------------------------------------------------------------
-    def save(self, folder: Path, stem: str) -> list[str]:
-        """Write ``<stem>.safetensors`` (scatter sum, class means, solved weights) and ``<stem>.json``."""
-        folder.mkdir(parents=True, exist_ok=True)
-        tensors = {"scatter": self.scatter.float(), "means": self.means.float(), "w": self.w, "b": self.b}
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / f"{stem}.safetensors"))
-        meta = {"kind": KIND, "names": self.names, "sizes": self.sizes, "count": self.count, "dim": self.dim,
-                "projection": {"width": PROJECTION_DIM, "seed": PROJECTION_SEED, "rank": RANK},
-                "ood_quantile": self.ood_quantile, "config": asdict(self.config), "last_update": self.info}
-        (folder / f"{stem}.json").write_text(json.dumps(meta, indent=2) + "\n")
-        return [f"{stem}.safetensors", f"{stem}.json"]
-
     @classmethod
     def load(cls, weights: Path, meta_file: Path, stats: Callable[[str], TaskStats],
              ood_quantile: float | None = None) -> "RanpacRouter":
-        """A router saved by :meth:`save`; ``stats(name)`` reads a task's statistics when its class
-        head or the OOD detector first needs them."""
-        meta = json.loads(meta_file.read_text())
-        if meta.get("projection", {}).get("width") != PROJECTION_DIM:
-            raise RegistryError(f"{meta_file} uses another random projection: run 'clipzoo router --rebuild'")
-        r = cls(meta["dim"], RanpacConfig.from_dict(meta["config"]),
-                meta["ood_quantile"] if ood_quantile is None else ood_quantile)
-        state = load_file(str(weights))
-        r.names, r.sizes, r.count = list(meta["names"]), list(meta["sizes"]), float(meta["count"])
-        r.scatter, r.means = state["scatter"].double(), state["means"].double()
-        r.w, r.b = state["w"].float(), state["b"].float()
+        """A router saved by :meth:`SharedLda.save`; ``stats(name)`` reads a task's statistics when
+        its class head or the OOD detector first needs them."""
+        r = super().load(weights, meta_file, ood_quantile)
         r._stats, r._reader = dict.fromkeys(r.names), stats
-        r.info = meta.get("last_update", {})
         return r

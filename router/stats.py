@@ -16,12 +16,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from clipzoo.router.ood import class_gaussians, heldout_quantiles
 from clipzoo.router.random_features import class_head, projection, random_features, scatter_factor
 from clipzoo.router.shrinkage import ledoit_wolf
-
-STATS_FILE = "stats.safetensors"
+from clipzoo.router.stats_file import STATS_FILE, read_arrays
 
 
 
@@ -60,29 +59,13 @@ class TaskStats:
 
     @classmethod
     def load(cls, folder: Path) -> "TaskStats":
-        """Read ``stats.safetensors``; a missing, damaged or foreign file (or one lacking a field)
-        is one IntegrityError or RegistryError naming the expert and the fix, never a traceback."""
-        from safetensors import SafetensorError
+        """Read ``stats.safetensors`` (checked as :func:`clipzoo.router.stats_file.read_arrays` says)."""
+        return cls.from_arrays(read_arrays(folder))
 
-        from clipzoo.errors import IntegrityError, RegistryError
-
-        where = f" --zoo {folder.parent.parent} --name {folder.name}" if folder.parent.name == "experts" else ""
-        fix = f"restore it (clipzoo pull) or remove the expert (clipzoo remove{where})"
-        try:
-            tensors = load_file(str(folder / STATS_FILE))
-        except FileNotFoundError:
-            raise IntegrityError(f"expert {folder.name!r}: {STATS_FILE} is missing; {fix}") from None
-        except OSError as e:
-            raise IntegrityError(f"expert {folder.name!r}: {STATS_FILE} cannot be read ({e.strerror or e}); {fix}") from e
-        except (SafetensorError, ValueError) as e:
-            why = " ".join(str(e).split())[:160]
-            raise IntegrityError(f"expert {folder.name!r}: {STATS_FILE} is not a valid safetensors file ({why}); "
-                                 f"{fix}") from e
-        missing = sorted({f.name for f in fields(cls) if not f.name.startswith("rp_")} - set(tensors))
-        if missing:
-            raise RegistryError(f"{folder / STATS_FILE} lacks {', '.join(missing)} (written by an older clipzoo): "
-                                "remove the task and add it again")
-        return cls(**{f.name: tensors.get(f.name) for f in fields(cls)})
+    @classmethod
+    def from_arrays(cls, arrays: dict) -> "TaskStats":
+        """From the numpy arrays of a stats file."""
+        return cls(**{f.name: torch.from_numpy(arrays[f.name]) if f.name in arrays else None for f in fields(cls)})
 
 
 def _shrunk_cov(x: np.ndarray) -> np.ndarray:

@@ -68,15 +68,23 @@ def test_light_commands_import_no_torch(zoo_and_images, args):
     assert heavy == [], f"clipzoo {' '.join(args)} imported {heavy}"
 
 
-@pytest.mark.xfail(reason="not done (issue 15): removing a task re-solves the ranpac router without it, "
-                          "which needs torch; clipzoo.zoo.store also imports torch at module level", strict=True)
-def test_remove_imports_no_torch(zoo_and_images, tmp_path):
+def test_remove_imports_no_torch_and_leaves_the_router_it_would_build(served_zoo, tmp_path):
     import shutil
 
-    zoo = Path(shutil.copytree(zoo_and_images[0], tmp_path / "zoo"))
-    code, heavy, out = heavy_imports("remove", "--zoo", str(zoo), "--name", "shapes")
+    from clipzoo.router.ranpac import RanpacRouter
+    from clipzoo.zoo.zoo import Zoo
+
+    zoo = Path(shutil.copytree(served_zoo[0], tmp_path / "zoo"))
+    before = Zoo.open(zoo)
+    assert len(before.names) == 2
+    code, heavy, out = heavy_imports("remove", "--zoo", str(zoo), "--name", before.names[0], "--json")
     assert code == 0, out
     assert heavy == []
+    after = Zoo.open(zoo)
+    assert after.names == before.names[1:] and after.verify()["ok"]
+    fresh = RanpacRouter.from_stats({n: after.stats(n) for n in after.names})
+    x = torch.randn(6, after.registry["backbone"]["embed_dim"])
+    torch.testing.assert_close(after.router().scores(x), fresh.scores(x), rtol=1e-3, atol=1e-3)
 
 
 def test_light_verify_agrees_with_the_full_one(zoo_and_images, tmp_path):

@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
@@ -346,12 +345,12 @@ def test_remove_on_a_disk_that_stays_full_is_repaired_later(zoo, monkeypatch):
 @pytest.mark.parametrize("where", ["weights", "stats", "router"])
 def test_add_task_on_a_full_disk_is_one_line_and_changes_nothing(zoo, monkeypatch, where):
     """Whichever file the disk fills up on (safetensors raises its own error, not an OSError)."""
-    import clipzoo.router.ranpac as ranpac_mod
+    import clipzoo.router.lda as lda_mod
     import clipzoo.router.stats as stats_mod
     import clipzoo.zoo.experts.base as base_mod
     from safetensors import SafetensorError
 
-    module = {"weights": base_mod, "stats": stats_mod, "router": ranpac_mod}[where]
+    module = {"weights": base_mod, "stats": stats_mod, "router": lda_mod}[where]
 
     def full(*a, **k):
         if where == "weights":

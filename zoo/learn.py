@@ -20,7 +20,7 @@ from clipzoo.tasks.metrics import accuracy
 from clipzoo.tasks.spec import TaskData, check_name
 from clipzoo.zoo import leases, registry
 from clipzoo.zoo.experts import Expert, build_expert
-from clipzoo.zoo.store import WRITE_FAILURES, WriteError, write_error
+from clipzoo.zoo.commit import WRITE_FAILURES, WriteError, write_error
 from clipzoo.zoo.train import TrainSettings, fit
 
 

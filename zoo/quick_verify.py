@@ -12,11 +12,11 @@ import json
 import os
 from pathlib import Path
 
-# The same names as clipzoo.zoo.experts.base.CONFIG_KEYS and the fields of clipzoo.router.stats.TaskStats
-# (not imported: those modules load torch; tests/test_cost.py checks they agree).
+from clipzoo.router.stats_file import FIELDS as STATS_FIELDS
+
+# The same names as clipzoo.zoo.experts.base.CONFIG_KEYS (not imported: that module loads torch;
+# tests/test_cost.py checks they agree).
 CONFIG_KEYS = ("kind", "classes", "templates", "logit_scale", "backbone_fingerprint")
-STATS_FIELDS = ("mean", "cov", "class_means", "class_counts", "class_cov", "ood_quantiles",
-                "rp_means", "rp_factor", "rp_rest", "rp_head_w", "rp_head_b")
 
 
 _DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,

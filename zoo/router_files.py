@@ -12,47 +12,55 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Union
 
 from clipzoo.errors import RegistryError
-from clipzoo.router.gate import NearestStatsRouter
-from clipzoo.router.learned import KIND as LEARNED
-from clipzoo.router.learned import RouterConfig, SparseRouter
-from clipzoo.router.ood import DEFAULT_QUANTILE
-from clipzoo.router.ranpac import KIND as RANPAC
-from clipzoo.router.ranpac import RanpacConfig, RanpacRouter
-from clipzoo.router.stats import TaskStats
+from clipzoo.router.entry import DEFAULT_QUANTILE, FILED, KINDS, LEARNED, NEAREST, RANPAC
+from clipzoo.router.lda import RanpacConfig, SharedLda, Terms
 from clipzoo.zoo import registry
 from clipzoo.zoo.paths import contained, fsync_tree
 
+if TYPE_CHECKING:  # the routers import torch: loaded only where a router is built or changed in torch
+    from clipzoo.router.gate import NearestStatsRouter
+    from clipzoo.router.learned import RouterConfig, SparseRouter
+    from clipzoo.router.ranpac import RanpacRouter
+    from clipzoo.router.stats import TaskStats
+
 ROUTER_DIR = "router"
-KINDS = (RANPAC, LEARNED, NearestStatsRouter.name)
-FILED = (RANPAC, LEARNED)  # kinds kept in versioned files
-Router = NearestStatsRouter | SparseRouter | RanpacRouter
+Router = Union["NearestStatsRouter", "SparseRouter", "RanpacRouter"]
 
 
-def load_router(root: Path, spec: dict, names: list[str], stats: Callable[[str], TaskStats],
-                lazy: bool = False) -> Router:
+def _files(root: Path, spec: dict) -> tuple[Path, Path] | None:
+    """The router version's ``(weights, meta)`` files that ``spec`` lists, checked to lie in the zoo."""
+    files = sorted(spec.get("files", {}))
+    return (contained(root, files[1]), contained(root, files[0])) if files else None  # sorted: .json first
+
+
+def _check_covers(root: Path, weights: Path, covered: list[str], names: list[str]) -> None:
+    if set(covered) != set(names):
+        raise RegistryError(f"the router file {weights.relative_to(root)} covers {covered}, not the experts "
+                            f"{names}: run 'clipzoo router --zoo {root} --rebuild'")
+
+
+def load_router(root: Path, spec: dict, names: list[str], stats: Callable[[str], TaskStats]) -> Router:
     """The router ``spec`` describes over the experts ``names`` (a learned router without a file
-    is trained from the stats, in memory); ``stats(name)`` reads an expert's statistics. ``lazy``:
-    a ranpac router reads them only when needed (an update reads none but the new task's)."""
-    kind, q = spec.get("kind", NearestStatsRouter.name), float(spec.get("ood_quantile", DEFAULT_QUANTILE))
-    if kind == NearestStatsRouter.name:
+    is trained from the stats, in memory); ``stats(name)`` reads an expert's statistics."""
+    from clipzoo.router.gate import NearestStatsRouter
+    from clipzoo.router.learned import SparseRouter
+    from clipzoo.router.ranpac import RanpacRouter
+
+    kind, q = spec.get("kind", NEAREST), float(spec.get("ood_quantile", DEFAULT_QUANTILE))
+    if kind == NEAREST:
         return NearestStatsRouter({n: stats(n) for n in names}, q)
     if kind not in FILED:
         raise RegistryError(f"unknown router kind {kind!r} in registry.json: use one of {', '.join(KINDS)} "
                             f"(clipzoo router --zoo {root} --kind KIND)")
-    files = sorted(spec.get("files", {}))
-    if not files:
+    files = _files(root, spec)
+    if files is None:
         build = RanpacRouter if kind == RANPAC else SparseRouter
         return build.from_stats({n: stats(n) for n in names}, ood_quantile=q)
-    weights, meta = contained(root, files[1]), contained(root, files[0])   # sorted: .json, .safetensors
-    r = RanpacRouter.load(weights, meta, stats, q) if kind == RANPAC else SparseRouter.load(weights, meta, q)
-    if kind == RANPAC and not lazy:
-        r.read_all()
-    if set(r.names) != set(names):
-        raise RegistryError(f"the router file {files[1]} covers {r.names}, not the experts {names}: "
-                            f"run 'clipzoo router --zoo {root} --rebuild'")
+    r = RanpacRouter.load(*files, stats, q).read_all() if kind == RANPAC else SparseRouter.load(*files, q)
+    _check_covers(root, files[0], r.names, names)
     return r
 
 
@@ -62,46 +70,39 @@ def saved_config(root: Path, spec: dict) -> RouterConfig | RanpacConfig | None:
     if not meta or not meta[0].is_file():
         return None
     saved = json.loads(meta[0].read_text())
-    return (RanpacConfig if saved.get("kind") == RANPAC else RouterConfig).from_dict(saved["config"])
+    if saved.get("kind") == RANPAC:
+        return RanpacConfig.from_dict(saved["config"])
+    from clipzoo.router.learned import RouterConfig
+
+    return RouterConfig.from_dict(saved["config"])
 
 
-def stage_router(root: Path, reg: dict, stats: Callable[[str], TaskStats], add: str | None = None,
+def stage_router(root: Path, reg: dict, stats: Callable[[str], TaskStats | dict], add: str | None = None,
                  drop: str | list[str] | None = None, rebuild: bool = False,
                  config: RouterConfig | RanpacConfig | None = None,
-                 dropped_stats: dict[str, TaskStats] | None = None) -> list[Path]:
+                 dropped_stats: dict[str, TaskStats | dict] | None = None) -> list[Path]:
     """Bump ``reg["router"]``'s version; for a filed router write its next version (``add`` a
     slot, ``drop`` one or several, or ``rebuild`` from all stats) under a new name, fsynced, and
     list it in ``reg``. Returns the files written (nothing points at them until ``reg`` is written).
-    A ranpac router subtracts a dropped task's scatter given in ``dropped_stats``; without it it
-    is rebuilt from the remaining tasks."""
+    A ranpac router is changed in numpy (:class:`clipzoo.router.lda.SharedLda`, no torch; ``stats``
+    may then return a stats file's arrays) and subtracts a dropped task's scatter given in
+    ``dropped_stats``; without it, it is rebuilt from the remaining tasks."""
     drops = [drop] if isinstance(drop, str) else list(drop or [])
     old = reg.get("router", {})
     version = int(old.get("version", 0)) + 1
-    spec = {**old, "kind": old.get("kind", NearestStatsRouter.name), "version": version, "files": {}}
+    spec = {**old, "kind": old.get("kind", NEAREST), "version": version, "files": {}}
     names = list(reg["experts"])
     if spec["kind"] not in FILED or not names:
         reg["router"] = spec
         return []
     before = [n for n in names if n != add] + drops
     q = float(spec.get("ood_quantile", DEFAULT_QUANTILE))
-    ranpac = spec["kind"] == RANPAC
     saved = saved_config(root, old) if old.get("kind") == spec["kind"] else None
-    gone = dropped_stats if ranpac and drops and set(drops) <= set(dropped_stats or {}) else None
-    if rebuild or not before or not old.get("files") or (ranpac and drops and gone is None):
-        if ranpac:
-            r = RanpacRouter.from_stats({n: stats(n) for n in names}, config or saved or RanpacConfig(), q)
-        else:
-            r = SparseRouter.from_stats({n: stats(n) for n in names}, config or saved or RouterConfig(), q)
-    else:
-        r = load_router(root, old, before, lambda n: gone[n] if gone and n in gone else stats(n), lazy=True)
-        for d in drops:
-            r.remove(d, gone[d]) if ranpac else r.remove(d)
-        if add:
-            r.add(add, stats(add))
-    stem = f"router-v{version}"
-    folder = contained(root, ROUTER_DIR)
+    stem, folder = f"router-v{version}", contained(root, ROUTER_DIR)
     for f in (f"{stem}.json", f"{stem}.safetensors"):
         contained(root, f"{ROUTER_DIR}/{f}")
+    r = _ranpac_update if spec["kind"] == RANPAC else _learned_update
+    r = r(root, old, names, before, stats, add, drops, rebuild, config or saved, q, dropped_stats or {})
     try:
         written = [folder / f for f in r.save(folder, stem)]
         for p in written:
@@ -113,6 +114,43 @@ def stage_router(root: Path, reg: dict, stats: Callable[[str], TaskStats], add: 
     spec["files"] = {str(p.relative_to(root)): registry.sha256_file(p) for p in written}
     reg["router"] = spec
     return written
+
+
+def _ranpac_update(root: Path, old: dict, names: list[str], before: list[str], stats: Callable,
+                   add: str | None, drops: list[str], rebuild: bool, config: RanpacConfig | None, q: float,
+                   gone: dict) -> SharedLda:
+    """The next ranpac state: the old one with ``drops`` subtracted and ``add`` added, or one
+    built from every task's stats (a rebuild, no earlier file, or a dropped task's stats unread)."""
+    files = _files(root, old) if old.get("kind") == RANPAC else None
+    if rebuild or not before or files is None or not set(drops) <= set(gone):
+        return SharedLda.build({n: Terms.of(n, stats(n)) for n in names}, config or RanpacConfig(), q)
+    lda = SharedLda.load(*files, q)
+    _check_covers(root, files[0], lda.names, before)
+    for d in drops:
+        lda.exclude(d, Terms.of(d, gone[d]))
+    if add:
+        lda.include(add, Terms.of(add, stats(add)))
+    lda.solve()
+    return lda
+
+
+def _learned_update(root: Path, old: dict, names: list[str], before: list[str], stats: Callable,
+                    add: str | None, drops: list[str], rebuild: bool, config: RouterConfig | None, q: float,
+                    gone: dict) -> SparseRouter:
+    """The next learned router: the old gate with ``drops``' rows dropped and ``add`` trained in,
+    or one trained from every task's stats."""
+    from clipzoo.router.learned import RouterConfig, SparseRouter
+
+    files = _files(root, old) if old.get("kind") == LEARNED else None
+    if rebuild or not before or files is None:
+        return SparseRouter.from_stats({n: stats(n) for n in names}, config or RouterConfig(), q)
+    r = SparseRouter.load(*files, q)
+    _check_covers(root, files[0], r.names, before)
+    for d in drops:
+        r.remove(d)
+    if add:
+        r.add(add, stats(add))
+    return r
 
 
 def prune_router_files(root: Path, keep: set[str]) -> None:

@@ -12,7 +12,6 @@ through :func:`clipzoo.zoo.paths.contained`. Training (:mod:`clipzoo.zoo.learn`)
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import time
@@ -20,41 +19,19 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-from safetensors import SafetensorError
-
 from clipzoo import __version__
-from clipzoo.errors import BackboneError, ClipzooError, ConfigError, IntegrityError, RegistryError
+from clipzoo.errors import BackboneError, ClipzooError, ConfigError, RegistryError
+from clipzoo.router.entry import KINDS, RANPAC, check_quantile
+from clipzoo.router.lda import RanpacConfig
 from clipzoo.router.learned import RouterConfig
-from clipzoo.router.ranpac import RanpacConfig
-from clipzoo.router.ood import check_quantile
 from clipzoo.router.stats import STATS_FILE, TaskStats
 from clipzoo.tasks.spec import ImageSource
-from clipzoo.zoo import leases, paths, registry
+from clipzoo.zoo import commit, leases, paths, registry
 from clipzoo.zoo.backbone import Backbone, BackboneSpec, load_backbone
 from clipzoo.zoo.cache import backbone_features
 from clipzoo.zoo.experts import Expert, Sources, load_expert
 from clipzoo.zoo.experts.base import read_config, read_weights
-from clipzoo.zoo.router_files import KINDS, RANPAC, Router, load_router, stage_router
-
-FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))  # "no space left" errors
-
-
-class WriteError(RegistryError, OSError):
-    """A commit that could not be written: one line for the CLI, still an OSError for callers."""
-
-
-WRITE_FAILURES = (OSError, SafetensorError)  # what a failed write raises (safetensors' is no OSError)
-
-
-def write_error(root: Path, e: BaseException) -> WriteError:
-    """The one-line error for a write into ``root`` that failed (full disk, read-only folder, ...)."""
-    reason = e.strerror if isinstance(e, OSError) and e.strerror else " ".join(str(e).split())
-    return WriteError(f"could not write to {root} ({reason}); the zoo is unchanged")
-
-
-def _disk_full(e: BaseException) -> bool:
-    return getattr(e, "errno", None) in FULL or "No space left" in str(e)
-
+from clipzoo.zoo.router_files import Router, load_router, stage_router
 
 class Store:
     """A zoo directory (see :mod:`clipzoo.zoo.registry` for its layout)."""
@@ -166,27 +143,11 @@ class Store:
 
     def stats(self, name: str) -> TaskStats:
         """The expert's feature statistics, checked against their sha256 before they are read."""
-        return self._load_stats(name, self.record(name))
-
-    def _load_stats(self, name: str, rec: dict) -> TaskStats:
-        self.check_files(name, rec, [STATS_FILE])
-        return TaskStats.load(self.expert_dir(name))
+        return self._stats_reader()(name)
 
     def check_files(self, name: str, rec: dict, fnames: Sequence[str]) -> None:
-        """Raise IntegrityError (naming the expert, the file and the fix) unless each of ``fnames``
-        matches its sha256 in ``rec``; a file that matched is not hashed again in this process."""
-        folder = self.expert_dir(name)
-        fix = f"restore it (clipzoo pull) or remove the expert (clipzoo remove --zoo {self.root} --name {name})"
-        if not folder.is_dir():
-            raise IntegrityError(f"expert {name!r}: its folder {folder} is missing; {fix}")
-        for fname in fnames:
-            problem = registry.file_problem(folder / fname, rec["files"][fname])
-            if problem:
-                raise IntegrityError(f"expert {name!r}: {fname} {problem}; {fix}")
-
-    def dependents(self, name: str) -> list[str]:
-        """Composed experts that use ``name``, directly or through another, users first."""
-        return _dependents(registry.read(self.root), name)
+        """See :func:`clipzoo.zoo.commit.check_files`."""
+        commit.check_files(self.root, name, rec, fnames)
 
     # ----- the router -------------------------------------------------------------------------
     def router(self) -> Router:
@@ -201,17 +162,7 @@ class Store:
     def _stats_reader(self, reg: dict | None = None) -> Callable[[str], TaskStats]:
         """Reads an expert's checked stats by name, with the records of ``reg`` (default: the
         registry in use; a commit passes the one it is about to write)."""
-        return lambda n: self._load_stats(n, (reg or self.registry)["experts"][n])
-
-    def _readable_stats(self, reg: dict, names: list[str]) -> dict[str, TaskStats]:
-        """The stats of ``names`` that can be read (a damaged one is left out)."""
-        out = {}
-        for n in names:
-            try:
-                out[n] = self._load_stats(n, reg["experts"][n])
-            except ClipzooError:
-                pass
-        return out
+        return commit.stats_reader(self.root, (reg or self.registry)["experts"])
 
     def refresh_router(self, kind: str | None = None, ood_quantile: float | None = None,
                        config: RouterConfig | RanpacConfig | None = None) -> dict:
@@ -236,46 +187,10 @@ class Store:
         return dict(self.registry["router"])
 
     # ----- commits ----------------------------------------------------------------------------
-    def _commit(self, reg: dict, stage: Callable[[], list[Path]], undo: Callable[[], None] = lambda: None,
-                free: Sequence[Path] = ()) -> None:
-        """Under the lock: stage the router, write ``reg``; on any failure remove what was staged
-        (and ``undo()``), so the zoo is exactly as it was. On a full disk, the folders in ``free``
-        (the experts ``reg`` drops) are deleted first and the commit is tried once more. Then the
-        garbage of ``reg`` is collected unless another process reads the zoo."""
-        router = json.loads(json.dumps(reg.get("router", {})))  # staging bumps it: restored for a retry
-        try:
-            self._try_commit(reg, stage, undo)
-        except WriteError:
-            raise
-        except WRITE_FAILURES as e:
-            if not _disk_full(e) or not free:
-                raise write_error(self.root, e) from e
-            for folder in free:  # a rename into the trash, then the trash's contents: frees space first
-                if folder.exists() or folder.is_symlink():
-                    paths.remove_path(self.root, leases.to_trash(self.root, folder))
-            reg["router"] = router
-            try:
-                self._try_commit(reg, stage, undo)
-            except WRITE_FAILURES as e2:
-                raise WriteError(
-                    f"the disk is full: the removed experts' files are deleted, but {registry.REGISTRY} could not "
-                    f"be written ({getattr(e2, 'strerror', None) or e2}); free some space and run 'clipzoo repair --zoo {self.root} "
-                    "--yes'") from e2
+    def _commit(self, reg: dict, stage: Callable[[], list[Path]], undo: Callable[[], None] = lambda: None) -> None:
+        """:func:`clipzoo.zoo.commit.commit` as this store; it then reads ``reg``."""
+        commit.commit(self.root, reg, stage, undo, writer=self)
         self.registry = reg
-        leases.collect(self.root, reg, keep=leases.previous_to_keep(self.root, set(router.get("files", {})), self))
-
-    def _try_commit(self, reg: dict, stage: Callable[[], list[Path]], undo: Callable[[], None]) -> None:
-        written: list[Path] = []
-        try:
-            written = stage()
-            registry.write(self.root, reg)
-        except BaseException:
-            for p in written:
-                p.unlink(missing_ok=True)
-            if written and not any(written[0].parent.iterdir()):
-                written[0].parent.rmdir()
-            undo()
-            raise
 
     def commit_expert(self, name: str, staging: Path, record: dict, t0: float | None = None) -> None:
         """Under the lock: re-read the registry, move the staged folder in, update the router, write
@@ -306,25 +221,8 @@ class Store:
             self._commit(reg, stage, undo=lambda: os.rename(target, staging))
 
     def remove(self, name: str, cascade: bool = False) -> list[str]:
-        """Drop an expert, and with ``cascade=True`` the composed experts that use it (else they
-        refuse it), in one commit. Its folder is deleted after the commit (or first, on a full
-        disk) once no other process reads the zoo. Returns every name removed, ``name`` last."""
-        with registry.lock(self.root):
-            leases.clean_stale(self.root)
-            reg = registry.read(self.root)
-            if name not in reg["experts"]:
-                raise RegistryError(f"no expert named {name!r} in {self.root}")
-            users = _dependents(reg, name)
-            if users and not cascade:
-                raise RegistryError(f"expert {name!r} is a source of fusion expert(s) {', '.join(users)}: "
-                                    "remove those first, or use --cascade to remove them too")
-            gone = users + [name]
-            folders = [self.expert_dir(n) for n in gone]  # every path checked before anything changes
-            dropped = self._readable_stats(reg, gone)  # read before any folder goes: the router subtracts them
-            for n in gone:
-                del reg["experts"][n]
-            self._commit(reg, lambda: stage_router(self.root, reg, self._stats_reader(reg), drop=gone,
-                                                   dropped_stats=dropped), free=folders)
+        """See :func:`clipzoo.zoo.commit.remove`; returns every name removed, ``name`` last."""
+        gone, self.registry = commit.remove(self.root, name, cascade, writer=self)
         for n in gone:
             self._experts.pop(n, None)
         return gone
@@ -376,16 +274,3 @@ class Store:
             return [str(e)]
         return []
 
-
-def _dependents(reg: dict, name: str) -> list[str]:
-    """Experts of ``reg`` composed from ``name``, directly or through another (cycles tolerated)."""
-    found: list[str] = []
-    frontier, seen = [name], {name}
-    while frontier:
-        cur = frontier.pop(0)
-        for n, rec in reg["experts"].items():
-            if cur in rec.get("sources", []) and n not in seen:
-                seen.add(n)
-                found.append(n)
-                frontier.append(n)
-    return found[::-1]

@@ -2,9 +2,9 @@
 
 ``Zoo.create(dir)``, ``Zoo.open(dir)``, ``zoo.add_task(...)``, ``zoo.predict(...)``,
 ``zoo.evaluate(...)``, ``zoo.verify()``, ``zoo.remove(name)``: the CLI is a thin layer over these.
-Each concern lives in its own module: the directory and its commits in :mod:`clipzoo.zoo.store`,
-training in :mod:`clipzoo.zoo.learn`, answering in :mod:`clipzoo.zoo.predict`, the Hub in
-:mod:`clipzoo.zoo.hub`.
+Each concern lives in its own module: the directory in :mod:`clipzoo.zoo.store`, its commits in
+:mod:`clipzoo.zoo.commit`, training in :mod:`clipzoo.zoo.learn`, answering in
+:mod:`clipzoo.zoo.predict`, the Hub in :mod:`clipzoo.zoo.hub`.
 """
 
 from __future__ import annotations

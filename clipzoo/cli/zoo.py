@@ -175,9 +175,9 @@ def remove(zoo_dir: str, name: str, cascade: bool, as_json: bool) -> None:
     \b
     Example: clipzoo remove --zoo myzoo --name mnist --cascade
     """
-    from clipzoo.zoo.zoo import Zoo
+    from clipzoo.zoo.commit import remove as remove_expert  # no torch, no model: numpy arrays at most
 
-    users = Zoo.open(zoo_dir).remove(name, cascade=cascade)[:-1]
+    users = remove_expert(Path(zoo_dir), name, cascade=cascade)[0][:-1]
     also = f" and the fusion experts composed from it: {', '.join(users)}" if users else ""
     emit({"removed": name, "cascaded": users}, as_json, f"removed {name}{also}")
 

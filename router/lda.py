@@ -1,0 +1,169 @@
+"""The shared-covariance LDA behind the ranpac router, in numpy: the class means of every task,
+the running sum of their within-class scatters, and the one ``M x M`` solve that turns them into
+class weights (the maths: :mod:`clipzoo.router.ranpac`).
+
+Apart from the routing (torch) so that changing a zoo's set of tasks needs no torch:
+``clipzoo remove`` subtracts a task's scatter and re-solves here, reading only numpy arrays.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+from clipzoo.errors import ConfigError, RegistryError
+from clipzoo.router.entry import RANPAC
+
+# The random-feature space (:mod:`clipzoo.router.random_features`): its width, the seed of its
+# projection and the rank of each task's scatter factor (chosen on validation splits; README, router section).
+PROJECTION_DIM = 2048
+PROJECTION_SEED = 0
+RANK = 64
+
+
+@dataclass
+class RanpacConfig:
+    """Settings of the class-Gaussian router (saved in its JSON file)."""
+
+    shrinkage: float = 0.01      # weight of tr(S)/M I in the shared covariance
+    answer_weight: float = 0.25  # weight of log p(class | x, task) added to the expert's log-probabilities
+    head_shrinkage: float | None = None  # None: each task's stored head; a value: heads rebuilt so (benchmarks)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.shrinkage <= 1 or self.answer_weight < 0:
+            raise ConfigError("ranpac shrinkage must be in [0, 1] and answer_weight >= 0")
+        if self.head_shrinkage is not None and not 0 <= self.head_shrinkage <= 1:
+            raise ConfigError("ranpac head_shrinkage must be in [0, 1]")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RanpacConfig":
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ConfigError(f"unknown ranpac router settings {', '.join(unknown)}")
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class Terms:
+    """What one task adds to the shared LDA: its class means ``(C, M)``, the factor ``(M, r)`` and
+    isotropic remainder of its within-class scatter, its image count and its feature width."""
+
+    means: np.ndarray
+    factor: np.ndarray
+    rest: float
+    count: float
+    dim: int
+
+    @classmethod
+    def of(cls, name: str, stats: object) -> "Terms":
+        """From a :class:`clipzoo.router.stats.TaskStats` or the arrays of its file."""
+        get = stats.get if isinstance(stats, dict) else lambda k: getattr(stats, k, None)
+        if get("rp_head_w") is None:
+            raise RegistryError(f"task {name!r} has statistics from an older clipzoo without random-feature "
+                                "means: remove the task and add it again, or use --kind learned")
+        return cls(np.asarray(get("rp_means"), np.float64), np.asarray(get("rp_factor"), np.float64),
+                   float(np.asarray(get("rp_rest"))), float(np.asarray(get("class_counts")).sum()),
+                   int(np.asarray(get("class_means")).shape[1]))
+
+    def scatter(self) -> np.ndarray:
+        """``F F^T + r I`` ``(M, M)``, float64."""
+        s = self.factor @ self.factor.T
+        s[np.diag_indices_from(s)] += self.rest
+        return s
+
+
+class SharedLda:
+    """Every known task's classes under one shared within-class covariance: add or drop a task's
+    :class:`Terms`, then :meth:`solve` (one ``M x M`` Cholesky whatever the number of tasks)."""
+
+    def __init__(self, dim: int, config: RanpacConfig = RanpacConfig(), ood_quantile: float | None = None):
+        self.dim, self.config, self.ood_quantile = dim, config, ood_quantile
+        self.names: list[str] = []
+        self.sizes: list[int] = []
+        self.means = np.empty((0, PROJECTION_DIM))                    # (K, M) every class of every task
+        self.scatter = np.zeros((PROJECTION_DIM, PROJECTION_DIM))
+        self.count = 0.0
+        self.w = np.empty((0, PROJECTION_DIM), np.float32)             # (K, M) class weights
+        self.b = np.empty(0, np.float32)                               # (K,)
+        self.info: dict = {}
+
+    def include(self, name: str, t: Terms) -> None:
+        """Add task ``name``'s classes and scatter (call :meth:`solve` after)."""
+        if name in self.names:
+            raise RegistryError(f"the router already has a slot for {name!r}")
+        if t.means.shape[1] != PROJECTION_DIM or t.dim != self.dim:
+            raise ConfigError(f"task {name!r} has {t.dim}-d features, the router {self.dim}-d")
+        self.names.append(name)
+        self.sizes.append(len(t.means))
+        self.means = np.concatenate([self.means, t.means])
+        self.scatter += t.scatter()
+        self.count += t.count
+
+    def exclude(self, name: str, t: Terms) -> None:
+        """Drop task ``name``'s classes and subtract its scatter (``t``: its terms)."""
+        if name not in self.names:
+            raise RegistryError(f"the router has no slot for {name!r}")
+        i = self.names.index(name)
+        start = sum(self.sizes[:i])
+        self.means = np.concatenate([self.means[:start], self.means[start + self.sizes[i]:]])
+        self.scatter -= t.scatter()
+        self.count -= t.count
+        del self.names[i], self.sizes[i]
+
+    def solve(self) -> None:
+        """Class weights ``w_c = S^-1 m_c`` and biases ``-1/2 m_c^T S^-1 m_c`` of the shrunk shared
+        covariance ``S = (1 - s) scatter / n + s tr(scatter / n) / M I``."""
+        t0 = time.perf_counter()
+        m, s, n = self.scatter.shape[0], self.config.shrinkage, max(self.count, 1.0)
+        cov = self.scatter * ((1 - s) / n)
+        cov[np.diag_indices(m)] += s * float(np.trace(self.scatter)) / (n * m)
+        w = np.linalg.solve(cov, self.means.T).T if len(self.means) else np.empty((0, m))
+        self.w, self.b = w.astype(np.float32), (-0.5 * (w * self.means).sum(1)).astype(np.float32)
+        self.info = {"update_seconds": round(time.perf_counter() - t0, 4), "classes": int(len(self.means))}
+
+    @classmethod
+    def build(cls, terms: dict[str, Terms], config: RanpacConfig = RanpacConfig(),
+              ood_quantile: float | None = None) -> "SharedLda":
+        if not terms:
+            raise RegistryError("a ranpac router needs at least one task's statistics")
+        lda = cls(next(iter(terms.values())).dim, config, ood_quantile)
+        for n, t in terms.items():
+            lda.include(n, t)
+        lda.solve()
+        return lda
+
+    # ----- files -----------------------------------------------------------------------------
+    def save(self, folder: Path, stem: str) -> list[str]:
+        """Write ``<stem>.safetensors`` (scatter sum, class means, solved weights) and ``<stem>.json``."""
+        folder.mkdir(parents=True, exist_ok=True)
+        arrays = {"scatter": self.scatter.astype(np.float32), "means": self.means.astype(np.float32),
+                  "w": self.w, "b": self.b}
+        save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(folder / f"{stem}.safetensors"))
+        meta = {"kind": RANPAC, "names": self.names, "sizes": self.sizes, "count": self.count, "dim": self.dim,
+                "projection": {"width": PROJECTION_DIM, "seed": PROJECTION_SEED, "rank": RANK},
+                "ood_quantile": self.ood_quantile, "config": asdict(self.config), "last_update": self.info}
+        (folder / f"{stem}.json").write_text(json.dumps(meta, indent=2) + "\n")
+        return [f"{stem}.safetensors", f"{stem}.json"]
+
+    def _read(self, weights: Path, meta: dict) -> None:
+        state = load_file(str(weights))
+        self.names, self.sizes, self.count = list(meta["names"]), list(meta["sizes"]), float(meta["count"])
+        self.scatter, self.means = state["scatter"].astype(np.float64), state["means"].astype(np.float64)
+        self.w, self.b = state["w"].astype(np.float32), state["b"].astype(np.float32)
+        self.info = meta.get("last_update", {})
+
+    @classmethod
+    def load(cls, weights: Path, meta_file: Path, ood_quantile: float | None = None, **kw) -> "SharedLda":
+        """A state saved by :meth:`save` (``kw``: what a subclass's constructor takes besides)."""
+        meta = json.loads(meta_file.read_text())
+        if meta.get("projection", {}).get("width") != PROJECTION_DIM:
+            raise RegistryError(f"{meta_file} uses another random projection: run 'clipzoo router --rebuild'")
+        lda = cls(meta["dim"], RanpacConfig.from_dict(meta["config"]),
+                  meta["ood_quantile"] if ood_quantile is None else ood_quantile, **kw)
+        lda._read(weights, meta)
+        return lda
