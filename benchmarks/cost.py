@@ -269,6 +269,24 @@ def vit_bytes_per_expert(root: Path, dim: int = 512, tasks: int = 8, versions: i
             "router_versions": versions, "total": round(st + versions * router / tasks)}
 
 
+def remove_startup(zoo: Path, tmp: Path, runs: int, env: dict, help_s: float) -> dict:
+    """``clipzoo remove`` of the first expert from a fresh copy of ``zoo`` (a ranpac router re-solved
+    without it), ``runs`` times: median wall time, its ratio to ``--help``, the heavy modules imported."""
+    import shutil
+
+    experts = json.loads((zoo / "registry.json").read_text())["experts"]
+    name, times, heavy = next(iter(experts)), [], []
+    for _ in range(runs):
+        copy = tmp / "zoo-remove"
+        shutil.rmtree(copy, ignore_errors=True)
+        shutil.copytree(zoo, copy)
+        dt, heavy = _cli(["remove", "--zoo", str(copy), "--name", name], env)
+        times.append(dt)
+    med = statistics.median(times)
+    return {"experts_before": len(experts),
+            "median_s": round(med, 4), "ratio_vs_help": round(med / help_s, 2), "heavy_modules_imported": heavy}
+
+
 def run_cost(runs: int = 5, small: int = 1000, large: int = 50_000, dim: int = 512, probes: int = 200,
              zoo: Path | None = None, experts: int = 64, add_epochs: int = 20) -> dict:
     """Every measurement above in one run; returns the JSON document (machine, settings, results)."""
@@ -301,7 +319,7 @@ def run_cost(runs: int = 5, small: int = 1000, large: int = 50_000, dim: int = 5
                     os.environ.pop("CLIPZOO_CACHE", None)
                 else:
                     os.environ["CLIPZOO_CACHE"] = saved
-            grow.pop("zoo")
+            result["remove"] = remove_startup(grow.pop("zoo"), tmp, runs, env, result["startup"]["median_s"]["--help"])
             result["add_and_route"] = grow
             versions = grow["bytes_per_expert_embedded"]["router_versions_on_disk"]
             result["bytes_per_expert_vit_b_32"] = vit_bytes_per_expert(tmp, 512, versions=versions)
@@ -311,6 +329,8 @@ def run_cost(runs: int = 5, small: int = 1000, large: int = 50_000, dim: int = 5
                          "cache_hit_within_1.5x_1k_to_50k": c["ratio_single"] <= 1.5 and c["ratio_batch"] <= 1.5}
     if "cached_predict" in result:
         result["targets"]["cached_predict_without_model"] = not result["cached_predict"]["no-fallback"]["model_built"]
+    if "remove" in result:
+        result["targets"]["remove_imports_no_torch"] = "torch" not in result["remove"]["heavy_modules_imported"]
     if "add_and_route" in result:
         g = result["add_and_route"]
         result["targets"].update({f"add_expert_{g['experts']}_within_1.2x_expert_2": g["ratio_add_last_vs_2"] <= 1.2,
@@ -339,6 +359,11 @@ def markdown(res: dict) -> str:
             rows.append((f"predict of {p['images']} cached images ({mode}), fresh process",
                          f"model built: {'yes' if p['model_built'] else 'no'}; {p['seconds']} s; fallbacks {p['fallbacks']}",
                          "not built"))
+    if "remove" in res:
+        r = res["remove"]
+        rows.append((f"`clipzoo remove` from a {r['experts_before']}-expert zoo (ranpac re-solved) vs `clipzoo --help`; "
+                     "heavy modules imported", f"{r['ratio_vs_help']}x; {','.join(r['heavy_modules_imported']) or 'none'}",
+                     "no torch"))
     if "add_and_route" in res:
         g, v = res["add_and_route"], res["bytes_per_expert_vit_b_32"]
         n, e = g["experts"], g["bytes_per_expert_embedded"]

@@ -94,13 +94,18 @@ def _pixels_for(exp: nn.Module, name: str, rows: list[int], pixels: PixelFn | No
 
 
 def gather_features(experts: Mapping[int, nn.Module], names: Sequence[str], cand: torch.Tensor, feats: torch.Tensor,
-                    pixels: PixelFn | None = None) -> torch.Tensor:
+                    pixels: PixelFn | None = None, encoded: Mapping[int, torch.Tensor] | None = None) -> torch.Tensor:
     """``H (B, K, D)``: candidate ``cand[b, j]``'s adapted feature of input ``b``; each expert runs
-    once on the inputs that chose it."""
+    once on the inputs that chose it. ``encoded[e]``: for an in-encoder expert, the output of a
+    tower pass with its adapters on its rows (in ``(cand == e).nonzero()`` order), shared with
+    the other candidates' rows; without it the expert runs the tower on its rows' pixels."""
     H = feats.new_zeros(*cand.shape, feats.shape[1])
     with torch.no_grad():
         for e in cand.unique().tolist():
             rows, slots = (cand == e).nonzero(as_tuple=True)
+            if encoded is not None and e in encoded:
+                H[rows, slots] = experts[e].adapted_features(feats[rows], encoded=encoded[e])
+                continue
             px = _pixels_for(experts[e], names[e], rows.tolist(), pixels)
             H[rows, slots] = experts[e].adapted_features(feats[rows], px)
     return H
@@ -145,10 +150,11 @@ class GlobalFusion(nn.Module):
         return self.fusion(f, h, self.prior_scale * log_r)
 
     def predict(self, experts: Mapping[int, nn.Module], names: Sequence[str], cand: torch.Tensor,
-                router_weights: torch.Tensor, feats: torch.Tensor, pixels: PixelFn | None = None
-                ) -> dict[str, torch.Tensor]:
-        """Mixture answer over the candidates: chosen slot, its label, ``p(e, c)`` and weights ``a``."""
-        H = gather_features(experts, names, cand, feats, pixels)
+                router_weights: torch.Tensor, feats: torch.Tensor, pixels: PixelFn | None = None,
+                encoded: Mapping[int, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Mixture answer over the candidates: chosen slot, its label, ``p(e, c)`` and weights ``a``
+        (``encoded``: see :func:`gather_features`)."""
+        H = gather_features(experts, names, cand, feats, pixels, encoded)
         with torch.no_grad():
             z, a = self(feats, H, router_weights.clamp_min(1e-30).log())
         logp, label = slot_best(experts, cand, z[:, None].expand_as(H))
@@ -156,9 +162,11 @@ class GlobalFusion(nn.Module):
 
 
 def average_predict(experts: Mapping[int, nn.Module], names: Sequence[str], cand: torch.Tensor, feats: torch.Tensor,
-                    pixels: PixelFn | None = None) -> dict[str, torch.Tensor]:
-    """Uniform average of the candidates' own output distributions over the union of their classes."""
-    H = gather_features(experts, names, cand, feats, pixels)
+                    pixels: PixelFn | None = None, encoded: Mapping[int, torch.Tensor] | None = None
+                    ) -> dict[str, torch.Tensor]:
+    """Uniform average of the candidates' own output distributions over the union of their classes
+    (``encoded``: see :func:`gather_features`)."""
+    H = gather_features(experts, names, cand, feats, pixels, encoded)
     logp, label = slot_best(experts, cand, H)
     return _mixture(torch.full(cand.shape, 1.0 / cand.shape[1]), logp, label)
 

@@ -314,6 +314,42 @@ def test_cli_add_task_stacks_predict_and_verify(tmp_path):
     assert json.loads(run("verify", "--zoo", zoo, "--json"))["ok"]
     z = Zoo.open(zoo)
     assert z.expert("digits").needs_pixels and z.expert("shapes").needs_pixels
+    _fused_modes_share_one_tower_pass(z, sorted((images / "shapes" / "test").rglob("*.png"))
+                                      + sorted((images / "digits" / "test").rglob("*.png")))
+
+
+def _fused_modes_share_one_tower_pass(z, images):
+    """predict --mode avg over two in-encoder candidates: one image-tower pass serves every
+    candidate's rows, with the answers of each expert running its own tower."""
+    import clipzoo.zoo.experts.stack as stack_mod
+    import clipzoo.zoo.predict as predict_mod
+    from clipzoo.router.fusion import average_predict
+
+    feats, px = z.features(images), z.pixels(images)
+    pix = lambda idx: px[list(idx)]  # noqa: E731
+    r = z.route(feats, 2)
+    experts = {e: z.expert(r.names[e]) for e in r.indices.unique().tolist()}
+    alone = average_predict(experts, r.names, r.indices, feats, pix)  # each expert its own tower pass
+    calls = {"shared": 0, "own": 0}
+
+    def counting(key, fn):
+        def wrapped(*a, **k):
+            calls[key] += 1
+            return fn(*a, **k)
+        return wrapped
+
+    real = (predict_mod.encode_image, stack_mod.encode_image)
+    predict_mod.encode_image, stack_mod.encode_image = counting("shared", real[0]), counting("own", real[1])
+    try:
+        preds = z.predict_features(feats, top_k=2, pixels=pix, mode="avg", fallback=False)
+    finally:
+        predict_mod.encode_image, stack_mod.encode_image = real
+    assert calls == {"shared": 1, "own": 0}
+    rows = torch.arange(len(feats))
+    chosen = r.indices[rows, alone["slot"]].tolist()
+    assert [p["task"] for p in preds] == [r.names[e] for e in chosen]
+    assert [p["label"] for p in preds] == [experts[e].classes[int(c)] for e, c in zip(chosen, alone["label"])]
+    torch.testing.assert_close(torch.tensor([p["score"] for p in preds]), alone["score"].float(), atol=1e-4, rtol=1e-4)
 
 
 def test_bench_kinds_reports_every_method_measured_in_one_run(tmp_path):

@@ -324,3 +324,8 @@ def test_add_and_route_measures_distinct_experts(tmp_path):
         assert 0 < a["router_seconds"] < a["add_seconds"] and 0 < a["router_share"] < 1
     assert set(g["route_ms_per_image"]) == {"experts_1", "experts_3"} and g["ratio_route_last_vs_1"] > 0
     assert 1 < g["probe_distinct_experts"] <= 3
+    from clipzoo.bench.cost import remove_startup
+
+    r = remove_startup(g["zoo"], tmp_path, 1, dict(os.environ), help_s=1.0)
+    assert r["experts_before"] == 3 and r["heavy_modules_imported"] == [] and r["median_s"] > 0
+    assert len(json.loads((g["zoo"] / "registry.json").read_text())["experts"]) == 3  # a copy was changed

@@ -235,7 +235,9 @@ def test_bench_serve_runs_end_to_end(tmp_path):
     from clipzoo.serve.bench import run_bench, summary
 
     res = run_bench(tmp_path / "b.json", [2], n_requests=2, experts=[2], in_encoder=[], per_class=2, reload=False)
-    assert res["throughput"][0]["failed"] == 0 and res["throughput"][0]["images_per_s"] > 0
+    t = res["throughput"][0]
+    assert t["failed"] == 0 and t["images_per_s"] > 0 and len(t["base_before_after"]) == 2
+    assert t["ratio_to_backbone"] == round(t["images_per_s"] / (sum(t["base_before_after"]) / 2), 3)
     (row,) = res["experts"]
     assert row["experts"] == 2 and row["failed"] == 0 and row["in_process_cost_x_forward"] > 0
     assert 1 <= row["distinct_per_batch"] <= 2 and res["in_encoder"] == []

@@ -290,8 +290,12 @@ class Predictor:
         r = self.route(feats, top_k)
         cand = r.indices
         experts = {e: self.expert(r.names[e]) for e in cand.unique().tolist()}
-        out = (average_predict(experts, r.names, cand, feats, pixels) if mode == "avg"
-               else self.global_fusion(top_k).predict(experts, r.names, cand, r.weights, feats, pixels))
+        # one tower pass for every in-encoder candidate's rows (each row once per such candidate)
+        shared = self._encode_shared({r.names[e]: (cand == e).nonzero(as_tuple=True)[0].tolist() for e in experts},
+                                     {r.names[e]: exp for e, exp in experts.items()}, pixels)
+        encoded = {e: shared[r.names[e]] for e in experts if r.names[e] in shared}
+        out = (average_predict(experts, r.names, cand, feats, pixels, encoded) if mode == "avg"
+               else self.global_fusion(top_k).predict(experts, r.names, cand, r.weights, feats, pixels, encoded))
         preds = []
         for b, routing in enumerate(r.as_dicts()):
             e = int(cand[b, out["slot"][b]])

@@ -37,7 +37,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -145,22 +145,35 @@ async def _load(url: str, images: list[bytes], clients: int, n_requests: int,
 
 
 def _backbone_rate(zoo: Any, images: list[bytes], repeats: int = 3) -> dict:
-    """Images per second of the bare backbone in batches of :data:`MAX_BATCH`: decode + preprocess +
-    forward, and the forward alone (best of ``repeats``)."""
+    """Images per second of the bare backbone in batches of :data:`MAX_BATCH`, sustained over
+    ``repeats`` passes (all their images over all their time, as a server row is measured): decode +
+    preprocess + forward, and the forward alone."""
     from PIL import Image
 
     bb = zoo.backbone
-    full, fwd = [], []
+    t0, t_fwd = time.perf_counter(), 0.0
     for _ in range(repeats):
-        t0, t_fwd = time.perf_counter(), 0.0
         for s in range(0, len(images), MAX_BATCH):
             px = torch.stack([bb.preprocess(Image.open(io.BytesIO(b)).convert("RGB")) for b in images[s:s + MAX_BATCH]])
             t1 = time.perf_counter()
             bb.encode_images(px)
             t_fwd += time.perf_counter() - t1
-        full.append(len(images) / (time.perf_counter() - t0))
-        fwd.append(len(images) / t_fwd)
-    return {"decode_preprocess_forward_images_per_s": round(max(full), 2), "forward_images_per_s": round(max(fwd), 2)}
+    n = len(images) * repeats
+    return {"decode_preprocess_forward_images_per_s": round(n / (time.perf_counter() - t0), 2),
+            "forward_images_per_s": round(n / t_fwd, 2)}
+
+
+def _against_backbone(zoo: Any, images: list[bytes], row: Callable[[], dict]) -> dict:
+    """``row()`` (a server measurement with ``images_per_s``) with the bare backbone measured right
+    before and right after it: the base is their mean, so a machine whose speed drifts weighs on
+    both sides alike."""
+    before = _backbone_rate(zoo, images)["decode_preprocess_forward_images_per_s"]
+    out = row()
+    after = _backbone_rate(zoo, images)["decode_preprocess_forward_images_per_s"]
+    base = (before + after) / 2
+    return {**out, "base_images_per_s": round(base, 2), "base_before_after": [before, after],
+            "ratio_to_backbone": round(out["images_per_s"] / base, 3),
+            "server_cost_x_backbone": round(base / out["images_per_s"], 3)}
 
 
 def _open_clip_load_s(spec: Any, probe: bytes) -> float:
@@ -208,7 +221,6 @@ def _measure_zoo(path: Path, images: list[bytes], clients: int, n_requests: int,
 
     z = Zoo.open(path)
     bb = z.backbone
-    base = _backbone_rate(z, images)["decode_preprocess_forward_images_per_s"]
     batches = [torch.stack([bb.preprocess(Image.open(io.BytesIO(b)).convert("RGB")) for b in images[s:s + MAX_BATCH]])
                for s in range(0, len(images), MAX_BATCH)]
     distinct, fell, t_fwd, t_all = [], 0, 0.0, 0.0
@@ -227,12 +239,12 @@ def _measure_zoo(path: Path, images: list[bytes], clients: int, n_requests: int,
         t_fwd, t_all = t_fwd + min(f), t_all + min(a)
     with Server(path, images[0]) as srv:
         asyncio.run(_load(srv.url, images, 4, 16))
-        row = asyncio.run(_load(srv.url, images, clients, n_requests, per_request=per_request))
+        row = _against_backbone(z, images, lambda: asyncio.run(
+            _load(srv.url, images, clients, n_requests, per_request=per_request)))
     return {"kind": z.expert(z.names[0]).kind, "distinct_per_batch": round(statistics.mean(distinct), 2),
             "fallback_share": round(fell / len(images), 3), "clients": clients,
-            **{k: row[k] for k in ("images_per_s", "p50_ms", "p99_ms", "failed")},
-            "ratio_to_backbone": round(row["images_per_s"] / base, 3),
-            "server_cost_x_backbone": round(base / row["images_per_s"], 3),
+            **{k: row[k] for k in ("images_per_s", "p50_ms", "p99_ms", "failed", "base_images_per_s",
+                                   "ratio_to_backbone", "server_cost_x_backbone")},
             "in_process_cost_x_forward": round(t_all / t_fwd, 3)}
 
 
@@ -293,20 +305,14 @@ def run_bench(out: str | Path, clients: list[int], n_requests: int = 256, expert
                          "in_encoder": list(in_encoder), "in_encoder_kind": in_encoder_kind, "reload": reload,
                          "images": len(images)},
             "backbone_batched": _backbone_rate(zoo, images)}
-        base = res["backbone_batched"]["decode_preprocess_forward_images_per_s"]
         res["open_clip_load_s"] = round(statistics.median(_open_clip_load_s(spec, images[0]) for _ in range(2)), 3)
         with Server(tmp / "zoo", images[0]) as srv:
             res["first_answer_s"] = round(srv.first_answer_s, 3)
             asyncio.run(_load(srv.url, images, 4, 16))  # warm-up
-            res["throughput"] = [asyncio.run(_load(srv.url, images, n, n_requests, per_request=per_request))
-                                 for n in clients]
+            res["throughput"] = [_against_backbone(zoo, images, lambda n=n: asyncio.run(
+                _load(srv.url, images, n, n_requests, per_request=per_request))) for n in clients]
             if reload:
                 res["hot_reload"] = _reload_under_load(srv.url, tmp / "zoo", images)
-        again = _backbone_rate(zoo, images)  # measured again after the load: the better of the two is the base
-        if again["decode_preprocess_forward_images_per_s"] > base:
-            res["backbone_batched"], base = again, again["decode_preprocess_forward_images_per_s"]
-        for row in res["throughput"]:
-            row["ratio_to_backbone"] = round(row["images_per_s"] / base, 3)
         res["first_answer_ratio"] = round(res["first_answer_s"] / res["open_clip_load_s"], 3)
         n_clients = max(clients)
         res["in_encoder"], res["experts"] = [], []
@@ -360,21 +366,23 @@ def summary(res: dict) -> str:
     lines = [f"backbone {res['backbone']['model']}; {res['machine']['cpus']} CPUs, load "
              f"{res['machine']['load_avg_1m_at_start']} at start; max batch {st['max_batch']}, max wait "
              f"{st['max_wait_ms']} ms, {st['requests']} requests of {st['images_per_request']} image(s) per row",
-             f"backbone batched: {bb['decode_preprocess_forward_images_per_s']} img/s with decode+preprocess, "
-             f"{bb['forward_images_per_s']} img/s forward only",
-             "", "| clients | img/s | x backbone | p50 ms | p99 ms | failed |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['clients']} | {r['images_per_s']} | {r['ratio_to_backbone']} | {r['p50_ms']} | {r['p99_ms']} | "
-              f"{r['failed']} |" for r in res["throughput"]]
+             f"backbone batched (first measure): {bb['decode_preprocess_forward_images_per_s']} img/s with "
+             f"decode+preprocess, {bb['forward_images_per_s']} img/s forward only; each row's base is the mean of "
+             "the backbone measured right before and right after it",
+             "", "| clients | img/s | base img/s | x backbone | p50 ms | p99 ms | failed |", "|---" * 7 + "|"]
+    lines += [f"| {r['clients']} | {r['images_per_s']} | {r['base_images_per_s']} | {r['ratio_to_backbone']} | "
+              f"{r['p50_ms']} | {r['p99_ms']} | {r['failed']} |" for r in res["throughput"]]
     if "hot_reload" in res:
         h = res["hot_reload"]
         lines += ["", f"hot reload under load: {h['requests']} requests from {h['clients']} clients, {h['failed']} "
                       f"failed, versions seen {h['versions']}, p99 {h['p99_ms']} ms"]
     for key, title in (("in_encoder", "in-encoder experts"), ("experts", "experts in the zoo")):
         if res.get(key):
-            lines += ["", f"| {title} | kind | distinct per batch | fallback share | clients | img/s | server cost x backbone "
-                          "| in-process cost x forward | p50 ms | p99 ms | failed |", "|---" * 11 + "|"]
+            lines += ["", f"| {title} | kind | distinct per batch | fallback share | clients | img/s | base img/s "
+                          "| server cost x backbone | in-process cost x forward | p50 ms | p99 ms | failed |", "|---" * 12 + "|"]
             lines += [f"| {r['experts']} | {r['kind']} | {r['distinct_per_batch']} | {r['fallback_share']} | {r['clients']} | "
-                      f"{r['images_per_s']} | {r['server_cost_x_backbone']} | {r['in_process_cost_x_forward']} | "
+                      f"{r['images_per_s']} | {r['base_images_per_s']} | {r['server_cost_x_backbone']} | "
+                      f"{r['in_process_cost_x_forward']} | "
                       f"{r['p50_ms']} | {r['p99_ms']} | {r['failed']} |" for r in res[key]]
     if res.get("experts"):
         lines += ["", "throughput with " + ", ".join(f"{r['experts']} experts {r['ratio_to_first']}x"
