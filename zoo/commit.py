@@ -5,7 +5,7 @@ writes ``registry.json`` atomically, which is what makes them part of the zoo: a
 interrupted write leaves the zoo as it was. Files the registry no longer names are deleted only
 when no other process reads the zoo (:mod:`clipzoo.zoo.leases`). This module imports no torch:
 removing a task from a ranpac or nearest-stats zoo reads numpy arrays only
-(:func:`clipzoo.zoo.router_files.stage_router`), so ``clipzoo remove`` starts in a blink.
+(:func:`clipzoo.zoo.router_files.stage_router`), so ``clipzoo remove`` loads neither torch nor a model.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """The zoo's store: a directory with ``registry.json``, one folder per expert and the router.
 
 :class:`Store` creates and opens a zoo, loads its backbone, experts and router lazily, and
-changes it only through commits under the zoo's lock: files are staged under new names first
-(fsynced) and the registry, written atomically, is what makes them part of the zoo, so a failed
-or interrupted write leaves the zoo as it was. A store reads one registry version from start to
+changes it only through commits under the zoo's lock (:mod:`clipzoo.zoo.commit`: files staged
+under new names first, then the registry written atomically, so a failed or interrupted write
+leaves the zoo as it was). A store reads one registry version from start to
 end: it holds a reader lease (:mod:`clipzoo.zoo.leases`) and writers delete files the registry no
 longer names only when no other process holds one. Every expert folder and router path goes
 through :func:`clipzoo.zoo.paths.contained`. Training (:mod:`clipzoo.zoo.learn`) and answering
