@@ -17,7 +17,7 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from clipzoo.errors import ConfigError, RegistryError
-from clipzoo.router.entry import RANPAC
+from clipzoo.router.entry import DEFAULT_QUANTILE, RANPAC
 
 # The random-feature space (:mod:`clipzoo.router.random_features`): its width, the seed of its
 # projection and the rank of each task's scatter factor (chosen on validation splits; README, router section).
@@ -61,7 +61,9 @@ class Terms:
 
     @classmethod
     def of(cls, name: str, stats: object) -> "Terms":
-        """From a :class:`clipzoo.router.stats.TaskStats` or the arrays of its file."""
+        """From a :class:`clipzoo.router.stats.TaskStats` or the arrays of its file (terms as they are)."""
+        if isinstance(stats, cls):
+            return stats
         get = stats.get if isinstance(stats, dict) else lambda k: getattr(stats, k, None)
         if get("rp_head_w") is None:
             raise RegistryError(f"task {name!r} has statistics from an older clipzoo without random-feature "
@@ -79,9 +81,9 @@ class Terms:
 
 class SharedLda:
     """Every known task's classes under one shared within-class covariance: add or drop a task's
-    :class:`Terms`, then :meth:`solve` (one ``M x M`` Cholesky whatever the number of tasks)."""
+    :class:`Terms`, then :meth:`solve` (one ``M x M`` solve whatever the number of tasks)."""
 
-    def __init__(self, dim: int, config: RanpacConfig = RanpacConfig(), ood_quantile: float | None = None):
+    def __init__(self, dim: int, config: RanpacConfig = RanpacConfig(), ood_quantile: float = DEFAULT_QUANTILE):
         self.dim, self.config, self.ood_quantile = dim, config, ood_quantile
         self.names: list[str] = []
         self.sizes: list[int] = []
@@ -92,8 +94,9 @@ class SharedLda:
         self.b = np.empty(0, np.float32)                               # (K,)
         self.info: dict = {}
 
-    def include(self, name: str, t: Terms) -> None:
-        """Add task ``name``'s classes and scatter (call :meth:`solve` after)."""
+    def include(self, name: str, stats: object) -> None:
+        """Add task ``name``'s classes and scatter (``stats``: see :meth:`Terms.of`; call :meth:`solve` after)."""
+        t = Terms.of(name, stats)
         if name in self.names:
             raise RegistryError(f"the router already has a slot for {name!r}")
         if t.means.shape[1] != PROJECTION_DIM or t.dim != self.dim:
@@ -104,8 +107,9 @@ class SharedLda:
         self.scatter += t.scatter()
         self.count += t.count
 
-    def exclude(self, name: str, t: Terms) -> None:
-        """Drop task ``name``'s classes and subtract its scatter (``t``: its terms)."""
+    def exclude(self, name: str, stats: object) -> None:
+        """Drop task ``name``'s classes and subtract its scatter (``stats``: its own, see :meth:`Terms.of`)."""
+        t = Terms.of(name, stats)
         if name not in self.names:
             raise RegistryError(f"the router has no slot for {name!r}")
         i = self.names.index(name)
@@ -127,13 +131,14 @@ class SharedLda:
         self.info = {"update_seconds": round(time.perf_counter() - t0, 4), "classes": int(len(self.means))}
 
     @classmethod
-    def build(cls, terms: dict[str, Terms], config: RanpacConfig = RanpacConfig(),
-              ood_quantile: float | None = None) -> "SharedLda":
-        if not terms:
+    def from_stats(cls, stats: dict[str, object], config: RanpacConfig = RanpacConfig(),
+                   ood_quantile: float = DEFAULT_QUANTILE) -> "SharedLda":
+        """Built from every task's statistics (see :meth:`Terms.of`) and solved."""
+        if not stats:
             raise RegistryError("a ranpac router needs at least one task's statistics")
-        lda = cls(next(iter(terms.values())).dim, config, ood_quantile)
-        for n, t in terms.items():
-            lda.include(n, t)
+        lda = cls(Terms.of(*next(iter(stats.items()))).dim, config, ood_quantile)
+        for n, s in stats.items():
+            lda.include(n, s)
         lda.solve()
         return lda
 
@@ -150,20 +155,17 @@ class SharedLda:
         (folder / f"{stem}.json").write_text(json.dumps(meta, indent=2) + "\n")
         return [f"{stem}.safetensors", f"{stem}.json"]
 
-    def _read(self, weights: Path, meta: dict) -> None:
-        state = load_file(str(weights))
-        self.names, self.sizes, self.count = list(meta["names"]), list(meta["sizes"]), float(meta["count"])
-        self.scatter, self.means = state["scatter"].astype(np.float64), state["means"].astype(np.float64)
-        self.w, self.b = state["w"].astype(np.float32), state["b"].astype(np.float32)
-        self.info = meta.get("last_update", {})
-
     @classmethod
-    def load(cls, weights: Path, meta_file: Path, ood_quantile: float | None = None, **kw) -> "SharedLda":
-        """A state saved by :meth:`save` (``kw``: what a subclass's constructor takes besides)."""
+    def load(cls, weights: Path, meta_file: Path, ood_quantile: float | None = None) -> "SharedLda":
+        """A state saved by :meth:`save` (``ood_quantile``: instead of the saved one)."""
         meta = json.loads(meta_file.read_text())
         if meta.get("projection", {}).get("width") != PROJECTION_DIM:
             raise RegistryError(f"{meta_file} uses another random projection: run 'clipzoo router --rebuild'")
         lda = cls(meta["dim"], RanpacConfig.from_dict(meta["config"]),
-                  meta["ood_quantile"] if ood_quantile is None else ood_quantile, **kw)
-        lda._read(weights, meta)
+                  meta["ood_quantile"] if ood_quantile is None else ood_quantile)
+        state = load_file(str(weights))
+        lda.names, lda.sizes, lda.count = list(meta["names"]), list(meta["sizes"]), float(meta["count"])
+        lda.scatter, lda.means = state["scatter"].astype(np.float64), state["means"].astype(np.float64)
+        lda.w, lda.b = state["w"].astype(np.float32), state["b"].astype(np.float32)
+        lda.info = meta.get("last_update", {})
         return lda

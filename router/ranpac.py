@@ -29,10 +29,9 @@ from pathlib import Path
 
 import torch
 
-from clipzoo.errors import RegistryError
 from clipzoo.router.gate import Routing, top_k
 from clipzoo.router.entry import RANPAC
-from clipzoo.router.lda import RanpacConfig, SharedLda, Terms
+from clipzoo.router.lda import RanpacConfig, SharedLda
 from clipzoo.router.ood import DEFAULT_QUANTILE, OODDetector, detector_from_stats
 from clipzoo.router.random_features import class_head, projection, random_features
 from clipzoo.router.stats import TaskStats
@@ -73,6 +72,7 @@ class TaskPosteriors(Mapping):
     def __len__(self) -> int:
         return len(self._names)
 
+
 KIND = RANPAC
 
 
@@ -94,20 +94,9 @@ class RanpacRouter(SharedLda):
         self._ood: OODDetector | None = None
         self._wb: tuple[torch.Tensor, torch.Tensor] | None = None  # torch views of the solved weights
 
-    # ----- building and updating -------------------------------------------------------------
-    @classmethod
-    def from_stats(cls, stats: dict[str, TaskStats], config: RanpacConfig = RanpacConfig(),
-                   ood_quantile: float = DEFAULT_QUANTILE) -> "RanpacRouter":
-        if not stats:
-            raise RegistryError("a ranpac router needs at least one task's statistics")
-        r = cls(next(iter(stats.values())).class_means.shape[1], config, ood_quantile)
-        for n, s in stats.items():
-            r.include(n, s)
-        r.solve()
-        return r
-
+    # ----- building and updating (``from_stats``: :meth:`SharedLda.from_stats`) --------------------
     def include(self, name: str, s: TaskStats) -> None:
-        super().include(name, Terms.of(name, s))
+        super().include(name, s)
         self._stats[name] = s
         self._ood = None
 
@@ -118,7 +107,7 @@ class RanpacRouter(SharedLda):
 
     def remove(self, name: str, stats: TaskStats) -> None:
         """Drop a task's classes and subtract its scatter (``stats``: the task's statistics)."""
-        self.exclude(name, Terms.of(name, stats))
+        self.exclude(name, stats)
         self._heads.pop(name, None)
         del self._stats[name]
         self._ood = None

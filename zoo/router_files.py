@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Callable, Union
 
 from clipzoo.errors import RegistryError
 from clipzoo.router.entry import DEFAULT_QUANTILE, FILED, KINDS, LEARNED, NEAREST, RANPAC
-from clipzoo.router.lda import RanpacConfig, SharedLda, Terms
+from clipzoo.router.lda import RanpacConfig, SharedLda
 from clipzoo.zoo import registry
 from clipzoo.zoo.paths import contained, fsync_tree
 
@@ -123,13 +123,13 @@ def _ranpac_update(root: Path, old: dict, names: list[str], before: list[str], s
     built from every task's stats (a rebuild, no earlier file, or a dropped task's stats unread)."""
     files = _files(root, old) if old.get("kind") == RANPAC else None
     if rebuild or not before or files is None or not set(drops) <= set(gone):
-        return SharedLda.build({n: Terms.of(n, stats(n)) for n in names}, config or RanpacConfig(), q)
+        return SharedLda.from_stats({n: stats(n) for n in names}, config or RanpacConfig(), q)
     lda = SharedLda.load(*files, q)
     _check_covers(root, files[0], lda.names, before)
     for d in drops:
-        lda.exclude(d, Terms.of(d, gone[d]))
+        lda.exclude(d, gone[d])
     if add:
-        lda.include(add, Terms.of(add, stats(add)))
+        lda.include(add, stats(add))
     lda.solve()
     return lda
 

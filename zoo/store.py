@@ -136,7 +136,7 @@ class Store:
         cached = self._experts.get(name)
         if cached and cached[0] == rec["sha256"]:
             return cached[1]
-        self.check_files(name, rec, [f for f in rec["files"] if f != STATS_FILE])
+        commit.check_files(self.root, name, rec, [f for f in rec["files"] if f != STATS_FILE])
         exp = load_expert(self.expert_dir(name), self.backbone, self.sources())
         self._experts[name] = (rec["sha256"], exp)
         return exp
@@ -144,10 +144,6 @@ class Store:
     def stats(self, name: str) -> TaskStats:
         """The expert's feature statistics, checked against their sha256 before they are read."""
         return self._stats_reader()(name)
-
-    def check_files(self, name: str, rec: dict, fnames: Sequence[str]) -> None:
-        """See :func:`clipzoo.zoo.commit.check_files`."""
-        commit.check_files(self.root, name, rec, fnames)
 
     # ----- the router -------------------------------------------------------------------------
     def router(self) -> Router:
