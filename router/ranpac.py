@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from clipzoo.router.gate import Routing, top_k
+from clipzoo.router.groups import Groups, pad_stack
 from clipzoo.router.entry import RANPAC
 from clipzoo.router.lda import RanpacConfig, SharedLda
 from clipzoo.router.ood import DEFAULT_QUANTILE, OODDetector, detector_from_stats
@@ -54,14 +55,20 @@ class TaskPosteriors(Mapping):
                 self._done[name] = (self._h @ w.T + b).log_softmax(1)
         return self._done[name]
 
-    def rows(self, name: str, idx: list[int]) -> torch.Tensor:
-        """``self[name][idx]``, computed for those rows only (an answer reads each task's
-        posterior on the rows routed to it: the batch's cost stays flat in the number of tasks)."""
-        if name in self._done or name not in self._names:
-            return self[name][idx]
-        w, b = self._head(name)
+    def padded(self, names: list[str], g: Groups) -> torch.Tensor:
+        """``self[names[j]]`` on the rows of group ``j`` of ``g``, as ``(G, width, C_max)`` (``-inf``
+        past a task's classes; zeros for a name the router does not know), computed for those rows
+        only in one batched product: an answer reads each task's posterior on the rows routed to
+        it, and the batch's cost stays flat in the number of tasks."""
+        none = (self._h.new_zeros(1, self._h.shape[1]), self._h.new_zeros(1))
+        heads = [self._head(n) if n in self._names else none for n in names]
+        w, b = pad_stack([w for w, _ in heads]), pad_stack([b for _, b in heads], float("-inf"))
         with torch.no_grad():
-            return (self._h[idx] @ w.T + b).log_softmax(1)
+            post = (torch.bmm(g.pad(self._h), w.transpose(1, 2)) + b[:, None, :]).log_softmax(-1)
+        unknown = [j for j, n in enumerate(names) if n not in self._names]
+        if unknown:
+            post[unknown] = 0.0
+        return post
 
     def __contains__(self, name: object) -> bool:  # Mapping's default would compute the posterior
         return name in self._names

@@ -397,3 +397,30 @@ def test_one_tower_pass_serves_rows_of_different_experts(bb, shapes):
             torch.testing.assert_close(e(x[r], encoded=mixed[r]), e(x[r], px[r]), atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(mixed[8:], encode_image(bb.model, px[8:9], Hooks()), atol=1e-5, rtol=1e-4)
     assert _fresh("clip-adapter", {}, bb, task).encoder_hooks() is None
+
+
+@pytest.mark.parametrize("kind,settings", [
+    ("clip-adapter", {}), ("cross-modal", {"cross-modal": {"share": False}}), ("prompt", {}),
+    ("lora", {"lora": {"towers": "text"}}), ("clip-adapter+cross-modal", {"expert": {"ensemble": 0.3}})])
+def test_experts_of_one_config_run_as_one_grouped_call(kind, settings, bb, small, shapes):
+    """Experts with one config (different weights and class counts) share a group key and give,
+    in one grouped call on padded rows, what each gives alone; classes past an expert's own are
+    -inf. In-encoder experts and other configs do not share the key."""
+    from clipzoo.router.groups import Groups
+
+    task, (x, _, _), _ = shapes
+    tasks = [task, small["colours"], task]
+    experts = [_perturbed(kind, settings, bb, t, seed) for seed, t in enumerate(tasks)]
+    assert experts[0].group_key() is not None and len({e.group_key() for e in experts}) == 1
+    assert _fresh("clip-adapter", {"clip-adapter": {"ratio": 0.2}}, bb, task).group_key() != \
+        _fresh("clip-adapter", {}, bb, task).group_key()
+    assert _fresh("vit-adapter", {}, bb, task).group_key() is None
+    g = Groups.of(torch.tensor([0, 1, 1, 2, 0, 1, 0]))
+    with torch.no_grad():
+        out = type(experts[0]).grouped_logits([experts[o] for o in g.owners.tolist()], g.pad(x[:7]))
+        for j, e in enumerate(experts):
+            rows = g.rows[g.group == j]
+            alone = e(x[rows])
+            torch.testing.assert_close(out[j, :len(rows), :len(e.classes)], alone, atol=1e-4, rtol=1e-4)
+            assert torch.isinf(out[j, :, len(e.classes):]).all()
+    assert len({len(t.classes) for t in tasks}) > 1

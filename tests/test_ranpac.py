@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from clipzoo.errors import ConfigError, RegistryError
+from clipzoo.router.groups import Groups
 from clipzoo.router.random_features import PROJECTION_DIM, RANK, projection
 from clipzoo.router.ranpac import RanpacConfig, RanpacRouter
 from clipzoo.router.stats import TaskStats, compute_stats
@@ -67,8 +68,15 @@ def test_task_scores_are_each_tasks_log_mass_and_always_finite(stats):
     assert got.isfinite().all()
     torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-4)
     post = r.route(x).class_logp
-    torch.testing.assert_close(post.rows("t1", [0, 7, 3]), post["t1"][[0, 7, 3]], rtol=1e-5, atol=1e-5)
     assert "t1" in post and "t9" not in post
+    names = ["t0", "t1", "t9"]
+    rows = {"t0": [1, 2], "t1": [0, 7, 3], "t9": [5]}
+    g = Groups.of(torch.tensor([0, 0, 1, 1, 1, 2]), torch.tensor([1, 2, 0, 7, 3, 5]))
+    padded = post.padded(names, g)   # each group's rows only, one batched product
+    for j, n in enumerate(names):
+        got = padded[j, :len(rows[n])]
+        want = post[n][rows[n]] if n in post else torch.zeros_like(got)  # an unknown task adds nothing
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_add_then_remove_equals_building_without_it(stats):

@@ -12,6 +12,7 @@ from click.testing import CliRunner
 
 from clipzoo.bench.router import _synthetic_stats, sequence_bench, RouterBenchSettings
 from clipzoo.router.gate import NearestStatsRouter
+from clipzoo.router.groups import Groups
 from clipzoo.router.learned import RouterConfig, SparseRouter, balance_loss
 from clipzoo.router.ood import QUANTILES, detector_from_stats
 from clipzoo.router.stats import TaskStats, compute_stats
@@ -215,6 +216,26 @@ def test_scoring_only_the_routed_candidates_keeps_every_decision(synth):
     r.ood.score = lambda f, padded=None, candidates=None: seen.append(len(f)) or real(f, padded, candidates)
     r.route(torch.cat([x for _, x in synth.values()]))
     assert seen[0] == 400 and sum(seen[1:]) < 40  # the full pass only for the few undecided rows
+
+
+def test_groups_pad_every_row_once_and_bound_the_padding():
+    """Rows grouped by owner: every row lands once, in its owner's group, in source order; a part's
+    padded size stays within twice its rows; pad then take gives the rows back."""
+    g = torch.Generator().manual_seed(0)
+    owner = torch.cat([torch.zeros(300, dtype=torch.long), torch.randint(1, 40, (200,), generator=g)])
+    owner = owner[torch.randperm(len(owner), generator=g)]
+    x = torch.randn(len(owner), 3, generator=g)
+    whole = Groups.of(owner)
+    parts = whole.parts()
+    assert len(parts) > 1                     # one big group and many small ones are not padded together
+    rows = torch.cat([p.rows for p in parts])
+    assert sorted(rows.tolist()) == list(range(len(owner)))
+    for p in parts:
+        assert len(p.owners) * p.width <= 2 * len(p.rows)
+        assert torch.equal(p.owners[p.group], owner[p.rows])
+        assert all((p.rows[p.group == j].diff() > 0).all() for j in range(len(p.owners)))
+        assert torch.equal(p.take(p.pad(x)), x[p.rows])
+    assert Groups.of(torch.full((5,), 3)).parts()[0].width == 5
 
 
 def test_stats_are_float32_and_old_float64_files_still_load(synth, tmp_path):

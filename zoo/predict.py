@@ -24,6 +24,7 @@ from clipzoo.errors import ConfigError, DataError, RegistryError
 from clipzoo.router.fusion import (FORMAT_VERSION, MODES, FusionSettings, GlobalFusion, average_predict,
                                    train_global_fusion)
 from clipzoo.router.gate import Routing
+from clipzoo.router.groups import Groups
 from clipzoo.router.ranpac import RanpacRouter
 from clipzoo.runtime import cache_root
 from clipzoo.tasks.data import check_image, load_task
@@ -154,21 +155,48 @@ class Predictor:
             if exp.needs_pixels and pixels is None:
                 raise ConfigError(f"expert {name!r} ({exp.kind}) needs images, not only cached features")
         encoded = self._encode_shared(groups, experts, pixels)
-        for name, idx in groups.items():
-            exp = experts[name]
+        names = list(groups)
+        owner = torch.tensor([j for j, idx in enumerate(groups.values()) for _ in idx], dtype=torch.long)
+        rows = torch.tensor([i for idx in groups.values() for i in idx], dtype=torch.long)
+        for g in Groups.of(owner, rows).parts() if len(rows) else []:
+            part = [names[j] for j in g.owners.tolist()]
             with torch.no_grad():
-                if name in encoded:
-                    logits = exp(feats[idx], encoded=encoded[name])
-                else:
-                    logits = exp(feats[idx], pixels(idx)) if exp.needs_pixels else exp(feats[idx])
-                logp = logits.log_softmax(1)
-            if extra is not None and name in extra and weight:
-                logp = (logp + weight * extra.rows(name, idx)).log_softmax(1)
-            score, label = logp.exp().max(1)
-            for j, i in enumerate(idx):
-                out[i] = {"task": name, "label": exp.classes[int(label[j])], "score": round(float(score[j]), 6),
+                logp = self._group_logits(g, part, experts, feats, pixels, encoded).log_softmax(-1)
+                if extra is not None and weight:
+                    logp = (logp + weight * extra.padded(part, g)).log_softmax(-1)
+                score, label = logp.max(-1)
+            for i, j, lab, sc in zip(g.rows.tolist(), g.group.tolist(), g.take(label).tolist(),
+                                     g.take(score.exp()).tolist()):
+                out[i] = {"task": part[j], "label": experts[part[j]].classes[lab], "score": round(sc, 6),
                           "routing": routing[i], "fallback": False}
         return self._fall_back(out, feats, fell, ood, classes)
+
+    @staticmethod
+    def _group_logits(g: Groups, names: list[str], experts: dict, feats: torch.Tensor, pixels: PixelFn | None,
+                      encoded: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Logits of expert ``names[j]`` on the rows of group ``j``: ``(G, width, C_max)``, ``-inf``
+        past an expert's classes. Experts of one :meth:`~clipzoo.zoo.experts.base.Expert.group_key`
+        run as one grouped call; the others one by one (in-encoder experts on their rows of the
+        shared tower pass)."""
+        same: dict = {}
+        for j, n in enumerate(names):
+            same.setdefault(experts[n].group_key(), []).append(j)
+        out = torch.full((len(names), g.width, max(len(experts[n].classes) for n in names)), float("-inf"))
+        x = g.pad(feats) if any(k is not None for k in same) else None
+        starts = (torch.cumsum(g.counts, 0) - g.counts).tolist()
+        for key, js in same.items():
+            if key is not None:
+                y = type(experts[names[js[0]]]).grouped_logits([experts[names[j]] for j in js], x[js])
+                out[js, :, :y.shape[2]] = y
+                continue
+            for j in js:
+                exp, idx = experts[names[j]], g.rows[starts[j]:starts[j] + int(g.counts[j])].tolist()
+                if names[j] in encoded:
+                    y = exp(feats[idx], encoded=encoded[names[j]])
+                else:
+                    y = exp(feats[idx], pixels(idx)) if exp.needs_pixels else exp(feats[idx])
+                out[j, :len(idx), :y.shape[1]] = y
+        return out
 
     def _encode_shared(self, groups: dict[str, list[int]], experts: dict, pixels: PixelFn | None
                        ) -> dict[str, torch.Tensor]:

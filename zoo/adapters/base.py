@@ -5,7 +5,10 @@ A kind's module may implement any of (:class:`clipzoo.zoo.experts.stack.StackExp
 - ``add_hooks(hooks)``: put callables inside the frozen towers' blocks (:mod:`clipzoo.zoo.encoders`);
   a module hooking the image tower makes its expert need pixels, not only cached features;
 - ``text_classifier(encode, class_emb)``: the classifier from its own text input (soft prompts);
-- ``adapt_image(f)`` / ``classifier(w)``: maps of the image embedding / classifier in the joint space.
+- ``adapt_image(f)`` / ``classifier(w)``: maps of the image embedding / classifier in the joint space;
+- ``adapt_image_grouped(modules, f)`` (static): ``adapt_image`` of many same-config modules at once,
+  ``f`` ``(G, R, D)`` holding group ``g``'s rows for ``modules[g]``: experts routed in one batch
+  then run as a few batched products (:meth:`clipzoo.zoo.experts.stack.StackExpert.grouped_logits`).
 
 Every module starts as the identity (zero-initialised outputs): a fresh expert gives the zero-shot logits.
 """
@@ -21,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+from torch import nn
 
 from clipzoo.errors import ConfigError
 
@@ -125,3 +129,9 @@ def check_blocks(kind: str, blocks: list[int] | None, n: int, tower: str) -> lis
     if len(set(blocks)) != len(blocks):
         raise ConfigError(f"{kind}: {tower} block indices repeat: {blocks}")
     return sorted(blocks)
+
+
+def grouped_linear(layers: list[nn.Linear], x: torch.Tensor) -> torch.Tensor:
+    """``layers[g](x[g])`` for every ``g`` as one batched product: ``x`` ``(G, R, in)`` -> ``(G, R, out)``."""
+    y = torch.bmm(x, torch.stack([m.weight for m in layers]).transpose(1, 2))
+    return y if layers[0].bias is None else y + torch.stack([m.bias for m in layers])[:, None, :]

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Hashable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -164,6 +164,17 @@ class Expert(nn.Module):
 
     def forward(self, feats: torch.Tensor, pixels: torch.Tensor | None = None) -> torch.Tensor:
         return self.logit_scale * self.adapted_features(feats, pixels) @ self.class_weights().T
+
+    def group_key(self) -> Hashable | None:
+        """Experts with the same key (not None) compute their logits together, as one
+        :meth:`grouped_logits` call of their class, when a batch is routed to several of them."""
+        return None
+
+    @classmethod
+    def grouped_logits(cls, experts: list["Expert"], feats: torch.Tensor) -> torch.Tensor:
+        """``experts[g]``'s logits on ``feats[g]``: ``(G, R, D)`` -> ``(G, R, C_max)``, ``-inf`` past
+        an expert's own classes (only for experts of one :meth:`group_key`)."""
+        raise NotImplementedError
 
     def zero_shot(self, feats: torch.Tensor) -> torch.Tensor:
         """The frozen backbone's logits for frozen image embeddings ``(B, D)``."""

@@ -12,14 +12,17 @@ zero-shot logits, ``kl_weight`` adds a consistency term during training (see :me
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass, field
+from typing import Hashable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from clipzoo.errors import ConfigError
+from clipzoo.router.groups import pad_stack
 from clipzoo.zoo.adapters import ADAPTERS, AdapterConfig, ExpertContext, parse_kinds
 from clipzoo.zoo.backbone import Backbone, prompt_texts
 from clipzoo.zoo.encoders import Hooks, encode_image, encode_text
@@ -82,6 +85,7 @@ class StackExpert(Expert):
             toks = backbone.tokenizer(prompt_texts(self.classes, self.templates))
             self.register_buffer("template_tokens", toks, persistent=False)
         self._classifier_cache: torch.Tensor | None = None
+        self._group_key: Hashable | None = ...  # computed on first use; the config never changes
 
     @property
     def kind(self) -> str:
@@ -140,6 +144,31 @@ class StackExpert(Expert):
         logits = self.logit_scale * self.adapted_features(feats, pixels, encoded) @ self.class_weights().T
         e = self.options.ensemble
         return (1 - e) * logits + e * self.zero_shot(feats) if e > 0 else logits
+
+    def group_key(self) -> Hashable | None:
+        """Stacks of one config (kinds, settings, options) that work on cached features only, each
+        image-embedding map able to run grouped (``adapt_image_grouped``), share a key."""
+        if self._group_key is ...:
+            solo = self.needs_pixels or any(hasattr(m, "adapt_image") and not hasattr(m, "adapt_image_grouped")
+                                            for m in self.stack)
+            self._group_key = None if solo else (type(self), json.dumps(self._config(), sort_keys=True),
+                                                  self.logit_scale)
+        return self._group_key
+
+    @classmethod
+    def grouped_logits(cls, experts: list["StackExpert"], feats: torch.Tensor) -> torch.Tensor:
+        x = feats
+        for i, m in enumerate(experts[0].stack):
+            if hasattr(m, "adapt_image"):
+                x = m.adapt_image_grouped([e.stack[i] for e in experts], x)
+        first = experts[0]
+        logits = first.logit_scale * torch.bmm(x, pad_stack([e.class_weights() for e in experts]).transpose(1, 2))
+        mix = first.options.ensemble
+        if mix > 0:
+            zero = first.logit_scale * torch.bmm(feats, pad_stack([e.class_emb for e in experts]).transpose(1, 2))
+            logits = (1 - mix) * logits + mix * zero
+        sizes = torch.tensor([len(e.classes) for e in experts])
+        return logits.masked_fill(torch.arange(logits.shape[2]) >= sizes[:, None, None], float("-inf"))
 
     def criterion(self, logits: torch.Tensor, inputs: tuple[torch.Tensor, ...], labels: torch.Tensor) -> torch.Tensor:
         """Cross-entropy, plus ``kl_weight * KL(p_zero_shot || p_adapted)`` over the classes."""

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clipzoo.zoo.adapters.base import ExpertContext
+from clipzoo.zoo.adapters.base import ExpertContext, grouped_linear
 from clipzoo.zoo.adapters.clip_adapter.config import CLIPAdapterConfig
 
 
@@ -31,6 +31,12 @@ class CLIPAdapter(nn.Module):
     def adapt_image(self, f: torch.Tensor) -> torch.Tensor:
         r = self.cfg.ratio
         return F.normalize(r * self.up(F.relu(self.down(f))) + (1 - r) * f, dim=-1)
+
+    @staticmethod
+    def adapt_image_grouped(mods: list["CLIPAdapter"], f: torch.Tensor) -> torch.Tensor:
+        r = mods[0].cfg.ratio  # one config for the group
+        up = grouped_linear([m.up for m in mods], F.relu(grouped_linear([m.down for m in mods], f)))
+        return F.normalize(r * up + (1 - r) * f, dim=-1)
 
     def classifier(self, class_emb: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.head, dim=-1)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clipzoo.zoo.adapters.base import ExpertContext
+from clipzoo.zoo.adapters.base import ExpertContext, grouped_linear
 from clipzoo.zoo.adapters.cross_modal.config import CrossModalConfig
 
 
@@ -33,6 +33,11 @@ class CrossModalAdapter(nn.Module):
 
     def adapt_image(self, f: torch.Tensor) -> torch.Tensor:
         return F.normalize(f + self.image(f), dim=-1)
+
+    @staticmethod
+    def adapt_image_grouped(mods: list["CrossModalAdapter"], f: torch.Tensor) -> torch.Tensor:
+        hidden = F.relu(grouped_linear([m.image[0] for m in mods], f))
+        return F.normalize(f + grouped_linear([m.image[2] for m in mods], hidden), dim=-1)
 
     def classifier(self, w: torch.Tensor) -> torch.Tensor:
         net = self.image if self.text is None else self.text
