@@ -30,8 +30,8 @@ class Routing:
     scores: torch.Tensor
     ood_score: torch.Tensor | None = None
     # per task name, log p(class | x, task) ``(B, C_t)`` when the router models classes (ranpac),
-    # added with ``answer_weight`` to the expert's log-probabilities; ``rows(name, idx)`` gives
-    # those rows only (clipzoo.router.ranpac.TaskPosteriors)
+    # added with ``answer_weight`` to the expert's log-probabilities; ``padded(names, groups)``
+    # gives each task's routed rows only (clipzoo.router.ranpac.TaskPosteriors)
     class_logp: Mapping[str, torch.Tensor] | None = None
     answer_weight: float = 0.0
 
