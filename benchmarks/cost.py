@@ -13,7 +13,7 @@
   the same task added as #2 and as #N, medians of adds to fresh copies, the two sizes in turn);
 - routing + expert cost per image (``predict_features``, top-1, cached features: every built-in
   domain's test images, routed over many of the experts) at N-1 experts against 1 expert, the
-  best of 5 calls, median over the repeats;
+  best of 20 calls, median over the repeats;
 - bytes per expert on disk: the built zoo's expert folders and router files, and the statistics
   plus router share for ViT-B-32-sized features (D=512, synthetic statistics).
 """
@@ -155,7 +155,7 @@ def build_zoo(root: Path, env: dict) -> tuple[Path, list[Path]]:
     return zoo, images
 
 
-def _route_ms(zoo, feats: torch.Tensor, calls: int = 5) -> float:
+def _route_ms(zoo, feats: torch.Tensor, calls: int = 20) -> float:
     """Milliseconds per image of routing + the chosen experts (top-1, no fallback), warm: the best
     of ``calls`` calls (the machine is shared; the least disturbed call is the cost)."""
     zoo.predict_features(feats, fallback=False)  # the router and the experts are loaded
