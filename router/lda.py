@@ -79,6 +79,25 @@ class Terms:
         return s
 
 
+def pack_upper(a: np.ndarray) -> np.ndarray:
+    """The upper triangle of a symmetric ``(M, M)`` matrix, row by row, float32: half the bytes."""
+    return np.concatenate([a[i, i:] for i in range(len(a))]).astype(np.float32)
+
+
+def unpack_upper(packed: np.ndarray, m: int) -> np.ndarray:
+    """The symmetric float64 ``(M, M)`` matrix whose upper triangle :func:`pack_upper` gave."""
+    if packed.shape != (m * (m + 1) // 2,):
+        raise RegistryError(f"a router file's scatter has {packed.size} values, not the {m * (m + 1) // 2} of a "
+                            f"{m} x {m} triangle: run 'clipzoo router --rebuild'")
+    out, start = np.zeros((m, m)), 0
+    for i in range(m):
+        out[i, i:] = packed[start:start + m - i]
+        start += m - i
+    full = out + out.T                      # the diagonal twice
+    full[np.diag_indices(m)] -= np.diag(out)
+    return full
+
+
 class SharedLda:
     """Every known task's classes under one shared within-class covariance: add or drop a task's
     :class:`Terms`, then :meth:`solve` (one ``M x M`` solve whatever the number of tasks)."""
@@ -144,9 +163,10 @@ class SharedLda:
 
     # ----- files -----------------------------------------------------------------------------
     def save(self, folder: Path, stem: str) -> list[str]:
-        """Write ``<stem>.safetensors`` (scatter sum, class means, solved weights) and ``<stem>.json``."""
+        """Write ``<stem>.safetensors`` (the scatter sum's upper triangle, class means, solved
+        weights) and ``<stem>.json``."""
         folder.mkdir(parents=True, exist_ok=True)
-        arrays = {"scatter": self.scatter.astype(np.float32), "means": self.means.astype(np.float32),
+        arrays = {"scatter_upper": pack_upper(self.scatter), "means": self.means.astype(np.float32),
                   "w": self.w, "b": self.b}
         save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(folder / f"{stem}.safetensors"))
         meta = {"kind": RANPAC, "names": self.names, "sizes": self.sizes, "count": self.count, "dim": self.dim,
@@ -165,7 +185,9 @@ class SharedLda:
                   meta["ood_quantile"] if ood_quantile is None else ood_quantile)
         state = load_file(str(weights))
         lda.names, lda.sizes, lda.count = list(meta["names"]), list(meta["sizes"]), float(meta["count"])
-        lda.scatter, lda.means = state["scatter"].astype(np.float64), state["means"].astype(np.float64)
+        lda.scatter = unpack_upper(state["scatter_upper"], PROJECTION_DIM) if "scatter_upper" in state \
+            else state["scatter"].astype(np.float64)   # files of clipzoo before the packed triangle
+        lda.means = state["means"].astype(np.float64)
         lda.w, lda.b = state["w"].astype(np.float32), state["b"].astype(np.float32)
         lda.info = meta.get("last_update", {})
         return lda

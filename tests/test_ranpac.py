@@ -93,6 +93,33 @@ def test_add_then_remove_equals_building_without_it(stats):
         RanpacConfig(shrinkage=2.0)
 
 
+def test_router_file_keeps_half_the_scatter_and_loads_older_full_files(stats, tmp_path):
+    """The router file holds the symmetric scatter sum's upper triangle (float32); loading gives
+    the full matrix back, and a file of an older clipzoo (the full matrix) loads the same."""
+    import numpy as np
+    from safetensors.numpy import load_file as load_np, save_file as save_np
+
+    r = RanpacRouter.from_stats(stats)
+    files = r.save(tmp_path, "router-v1")
+    weights, meta = (tmp_path / f for f in files)
+    state = load_np(str(weights))
+    m = PROJECTION_DIM
+    assert "scatter" not in state and state["scatter_upper"].shape == (m * (m + 1) // 2,)
+    back = RanpacRouter.load(weights, meta, stats.__getitem__)
+    np.testing.assert_allclose(back.scatter, r.scatter, rtol=1e-6, atol=1e-6 * np.abs(r.scatter).max())
+    assert np.array_equal(back.scatter, back.scatter.T)
+    x = torch.cat([_task(i, n_per_class=3)[0] for i in range(3)])
+    older = {k: v for k, v in state.items() if k != "scatter_upper"} | {"scatter": r.scatter.astype(np.float32)}
+    save_np(older, str(weights))
+    assert np.array_equal(RanpacRouter.load(weights, meta, stats.__getitem__).scatter, back.scatter)
+    back.add("t9", stats["t0"])   # an update from the loaded file solves as one from the statistics
+    fresh = RanpacRouter.from_stats({**stats, "t9": stats["t0"]})
+    assert torch.allclose(back.scores(x), fresh.scores(x), atol=1e-3)
+    save_np({**state, "scatter_upper": state["scatter_upper"][:-1]}, str(weights))
+    with pytest.raises(RegistryError, match="rebuild"):
+        RanpacRouter.load(weights, meta, stats.__getitem__)
+
+
 def test_stats_of_older_versions_load_but_cannot_join(stats, tmp_path):
     s = stats["t0"]
     save_file({k: v.contiguous() for k, v in vars(s).items() if not k.startswith("rp_")}, str(tmp_path / "stats.safetensors"))
