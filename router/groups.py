@@ -50,23 +50,21 @@ class Groups:
         most twice their entries: uniform groups stay one part, one big group and many small ones
         become two."""
         sizes = self.counts.tolist()
-        order = sorted(range(len(sizes)), key=lambda g: -sizes[g])
-        cuts, rows = [[]], 0
-        for g in order:
-            cur = cuts[-1]
-            if cur and (len(cur) + 1) * sizes[cur[0]] > 2 * (rows + sizes[g]):
-                cuts.append([])
-                cur, rows = cuts[-1], 0
-            cur.append(g)
-            rows += sizes[g]
-        if len(cuts) == 1:
+        part_of, part, first, n, rows = [0] * len(sizes), 0, 0, 0, 0
+        for g in sorted(range(len(sizes)), key=lambda g: -sizes[g]):
+            if n and (n + 1) * first > 2 * (rows + sizes[g]):
+                part, n, rows = part + 1, 0, 0
+            if not n:
+                first = sizes[g]
+            part_of[g], n, rows = part, n + 1, rows + sizes[g]
+        if not part:
             return [self]
-        starts = (torch.cumsum(self.counts, 0) - self.counts).tolist()
+        of_group = torch.tensor(part_of)
+        of_entry = of_group[self.group]
         out = []
-        for cut in cuts:
-            cut.sort()
-            entries = torch.cat([torch.arange(starts[g], starts[g] + sizes[g]) for g in cut])
-            out.append(Groups._make(self.rows[entries], self.owners[cut], self.counts[cut]))
+        for q in range(part + 1):
+            groups, entries = (of_group == q).nonzero()[:, 0], (of_entry == q).nonzero()[:, 0]
+            out.append(Groups._make(self.rows[entries], self.owners[groups], self.counts[groups]))
         return out
 
     def pad(self, x: torch.Tensor) -> torch.Tensor:

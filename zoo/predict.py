@@ -181,6 +181,8 @@ class Predictor:
         same: dict = {}
         for j, n in enumerate(names):
             same.setdefault(experts[n].group_key(), []).append(j)
+        if len(same) == 1 and None not in same:  # the common case: one config, one call
+            return type(experts[names[0]]).grouped_logits([experts[n] for n in names], g.pad(feats))
         out = torch.full((len(names), g.width, max(len(experts[n].classes) for n in names)), float("-inf"))
         x = g.pad(feats) if any(k is not None for k in same) else None
         starts = (torch.cumsum(g.counts, 0) - g.counts).tolist()
