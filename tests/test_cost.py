@@ -335,3 +335,15 @@ def test_add_and_route_measures_distinct_experts(tmp_path):
     r = remove_startup(g["zoo"], tmp_path, 1, dict(os.environ), help_s=1.0)
     assert r["experts_before"] == 3 and r["heavy_modules_imported"] == [] and r["median_s"] > 0
     assert len(json.loads((g["zoo"] / "registry.json").read_text())["experts"]) == 3  # a copy was changed
+
+
+def test_cache_hits_measure_two_cache_sizes_without_encoding(tmp_path):
+    """bench-cost's cache rows: two caches of the asked sizes hold the same probe images, every
+    probe is a hit (an encode would fail the run), and both ratios are computed from the figures."""
+    from clipzoo.bench.cost import cache_hits
+
+    r = cache_hits(tmp_path, small=30, large=5100, dim=8, probes=12, passes=2)
+    assert (r["small"]["entries"], r["large"]["entries"]) == (30, 5100) and r["shards_at_large"] >= 1
+    for k in ("single", "batch"):
+        name = "single_image_call_ms" if k == "single" else "batch_call_ms_per_image"
+        assert r[f"ratio_{k}"] == round(r["large"][name] / r["small"][name], 2) > 0
