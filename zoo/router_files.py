@@ -11,6 +11,7 @@ Every router path is checked by :func:`clipzoo.zoo.paths.contained` before it is
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Union
 
@@ -101,8 +102,8 @@ def stage_router(root: Path, reg: dict, stats: Callable[[str], TaskStats | dict]
     stem, folder = f"router-v{version}", contained(root, ROUTER_DIR)
     for f in (f"{stem}.json", f"{stem}.safetensors"):
         contained(root, f"{ROUTER_DIR}/{f}")
-    r = _ranpac_update if spec["kind"] == RANPAC else _learned_update
-    r = r(root, old, names, before, stats, add, drops, rebuild, config or saved, q, dropped_stats or {})
+    update = _ranpac_update if spec["kind"] == RANPAC else _learned_update
+    r = update(_Change(root, old, names, before, stats, add, drops, rebuild, config or saved, q, dropped_stats or {}))
     try:
         written = [folder / f for f in r.save(folder, stem)]
         for p in written:
@@ -116,40 +117,57 @@ def stage_router(root: Path, reg: dict, stats: Callable[[str], TaskStats | dict]
     return written
 
 
-def _ranpac_update(root: Path, old: dict, names: list[str], before: list[str], stats: Callable,
-                   add: str | None, drops: list[str], rebuild: bool, config: RanpacConfig | None, q: float,
-                   gone: dict) -> SharedLda:
+@dataclass(frozen=True)
+class _Change:
+    """One change of a filed router: the experts before and after, what is added and dropped."""
+
+    root: Path
+    old: dict                      # the registry's router entry before the change
+    names: list[str]               # the experts after
+    before: list[str]              # the experts the old version covers
+    stats: Callable                # name -> that expert's statistics (or its stats file's arrays)
+    add: str | None
+    drops: list[str]
+    rebuild: bool
+    config: RouterConfig | RanpacConfig | None
+    q: float                       # the OOD quantile
+    gone: dict                     # a dropped expert's statistics, read before its files went
+
+    def old_files(self, kind: str) -> tuple[Path, Path] | None:
+        """The old version's ``(weights, meta)`` files when it is of ``kind`` (checked to lie in the zoo)."""
+        return _files(self.root, self.old) if self.old.get("kind") == kind else None
+
+
+def _ranpac_update(c: _Change) -> SharedLda:
     """The next ranpac state: the old one with ``drops`` subtracted and ``add`` added, or one
     built from every task's stats (a rebuild, no earlier file, or a dropped task's stats unread)."""
-    files = _files(root, old) if old.get("kind") == RANPAC else None
-    if rebuild or not before or files is None or not set(drops) <= set(gone):
-        return SharedLda.from_stats({n: stats(n) for n in names}, config or RanpacConfig(), q)
-    lda = SharedLda.load(*files, q)
-    _check_covers(root, files[0], lda.names, before)
-    for d in drops:
-        lda.exclude(d, gone[d])
-    if add:
-        lda.include(add, stats(add))
+    files = c.old_files(RANPAC)
+    if c.rebuild or not c.before or files is None or not set(c.drops) <= set(c.gone):
+        return SharedLda.from_stats({n: c.stats(n) for n in c.names}, c.config or RanpacConfig(), c.q)
+    lda = SharedLda.load(*files, c.q)
+    _check_covers(c.root, files[0], lda.names, c.before)
+    for d in c.drops:
+        lda.exclude(d, c.gone[d])
+    if c.add:
+        lda.include(c.add, c.stats(c.add))
     lda.solve()
     return lda
 
 
-def _learned_update(root: Path, old: dict, names: list[str], before: list[str], stats: Callable,
-                    add: str | None, drops: list[str], rebuild: bool, config: RouterConfig | None, q: float,
-                    gone: dict) -> SparseRouter:
+def _learned_update(c: _Change) -> SparseRouter:
     """The next learned router: the old gate with ``drops``' rows dropped and ``add`` trained in,
     or one trained from every task's stats."""
     from clipzoo.router.learned import RouterConfig, SparseRouter
 
-    files = _files(root, old) if old.get("kind") == LEARNED else None
-    if rebuild or not before or files is None:
-        return SparseRouter.from_stats({n: stats(n) for n in names}, config or RouterConfig(), q)
-    r = SparseRouter.load(*files, q)
-    _check_covers(root, files[0], r.names, before)
-    for d in drops:
+    files = c.old_files(LEARNED)
+    if c.rebuild or not c.before or files is None:
+        return SparseRouter.from_stats({n: c.stats(n) for n in c.names}, c.config or RouterConfig(), c.q)
+    r = SparseRouter.load(*files, c.q)
+    _check_covers(c.root, files[0], r.names, c.before)
+    for d in c.drops:
         r.remove(d)
-    if add:
-        r.add(add, stats(add))
+    if c.add:
+        r.add(c.add, c.stats(c.add))
     return r
 
 
