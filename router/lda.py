@@ -79,9 +79,14 @@ class Terms:
         return s
 
 
+def _upper(m: int) -> np.ndarray:
+    """The upper triangle's places of an ``(M, M)`` matrix, as a mask (row-major: row by row)."""
+    return np.triu(np.ones((m, m), bool))
+
+
 def pack_upper(a: np.ndarray) -> np.ndarray:
     """The upper triangle of a symmetric ``(M, M)`` matrix, row by row, float32: half the bytes."""
-    return np.concatenate([a[i, i:] for i in range(len(a))]).astype(np.float32)
+    return a[_upper(len(a))].astype(np.float32)
 
 
 def unpack_upper(packed: np.ndarray, m: int) -> np.ndarray:
@@ -89,12 +94,10 @@ def unpack_upper(packed: np.ndarray, m: int) -> np.ndarray:
     if packed.shape != (m * (m + 1) // 2,):
         raise RegistryError(f"a router file's scatter has {packed.size} values, not the {m * (m + 1) // 2} of a "
                             f"{m} x {m} triangle: run 'clipzoo router --rebuild'")
-    out, start = np.zeros((m, m)), 0
-    for i in range(m):
-        out[i, i:] = packed[start:start + m - i]
-        start += m - i
-    full = out + out.T                      # the diagonal twice
-    full[np.diag_indices(m)] -= np.diag(out)
+    upper = np.zeros((m, m))
+    upper[_upper(m)] = packed
+    full = upper + upper.T                  # the diagonal twice
+    full[np.diag_indices(m)] -= np.diag(upper)
     return full
 
 

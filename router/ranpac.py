@@ -29,9 +29,9 @@ from pathlib import Path
 
 import torch
 
+from clipzoo.router.entry import RANPAC
 from clipzoo.router.gate import Routing, top_k
 from clipzoo.router.groups import Groups, pad_stack
-from clipzoo.router.entry import RANPAC
 from clipzoo.router.lda import RanpacConfig, SharedLda
 from clipzoo.router.ood import DEFAULT_QUANTILE, OODDetector, detector_from_stats
 from clipzoo.router.random_features import class_head, projection, random_features
@@ -60,12 +60,12 @@ class TaskPosteriors(Mapping):
         past a task's classes; zeros for a name the router does not know), computed for those rows
         only in one batched product: an answer reads each task's posterior on the rows routed to
         it, and the batch's cost stays flat in the number of tasks."""
+        unknown = [j for j, n in enumerate(names) if n not in self._names]
         none = (self._h.new_zeros(1, self._h.shape[1]), self._h.new_zeros(1))
-        heads = [self._head(n) if n in self._names else none for n in names]
+        heads = [none if j in unknown else self._head(n) for j, n in enumerate(names)]
         w, b = pad_stack([w for w, _ in heads]), pad_stack([b for _, b in heads], float("-inf"))
         with torch.no_grad():
             post = (torch.bmm(g.pad(self._h), w.transpose(1, 2)) + b[:, None, :]).log_softmax(-1)
-        unknown = [j for j, n in enumerate(names) if n not in self._names]
         if unknown:
             post[unknown] = 0.0
         return post

@@ -4,8 +4,12 @@ loads, and what code that must not import torch (``clipzoo remove``, ``clipzoo v
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from clipzoo.errors import IntegrityError, RegistryError
+
+if TYPE_CHECKING:  # numpy only when a file is read: verify's field list needs none
+    import numpy as np
 
 STATS_FILE = "stats.safetensors"
 FIELDS = ("mean", "cov", "class_means", "class_counts", "class_cov", "ood_quantiles",
@@ -13,7 +17,7 @@ FIELDS = ("mean", "cov", "class_means", "class_counts", "class_cov", "ood_quanti
 OPTIONAL = tuple(f for f in FIELDS if f.startswith("rp_"))  # absent from files of older versions
 
 
-def read_arrays(folder: Path):
+def read_arrays(folder: Path) -> dict[str, np.ndarray]:
     """The tensors of ``folder/stats.safetensors`` by name; a missing, damaged or foreign file (or
     one lacking a field) is one IntegrityError or RegistryError naming the expert and the fix."""
     from safetensors import SafetensorError

@@ -161,7 +161,7 @@ class Predictor:
         for g in Groups.of(owner, rows).parts() if len(rows) else []:
             part = [names[j] for j in g.owners.tolist()]
             with torch.no_grad():
-                logp = self._group_logits(g, part, experts, feats, pixels, encoded).log_softmax(-1)
+                logp = self._group_logits(g, part, experts, groups, feats, pixels, encoded).log_softmax(-1)
                 if extra is not None and weight:
                     logp = (logp + weight * extra.padded(part, g)).log_softmax(-1)
                 score, label = logp.max(-1)
@@ -172,10 +172,10 @@ class Predictor:
         return self._fall_back(out, feats, fell, ood, classes)
 
     @staticmethod
-    def _group_logits(g: Groups, names: list[str], experts: dict, feats: torch.Tensor, pixels: PixelFn | None,
-                      encoded: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Logits of expert ``names[j]`` on the rows of group ``j``: ``(G, width, C_max)``, ``-inf``
-        past an expert's classes. Experts of one :meth:`~clipzoo.zoo.experts.base.Expert.group_key`
+    def _group_logits(g: Groups, names: list[str], experts: dict, rows: dict[str, list[int]], feats: torch.Tensor,
+                      pixels: PixelFn | None, encoded: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Logits of expert ``names[j]`` on the rows of group ``j`` (``rows[names[j]]``): ``(G, width,
+        C_max)``, ``-inf`` past an expert's classes. Experts of one :meth:`~clipzoo.zoo.experts.base.Expert.group_key`
         run as one grouped call; the others one by one (in-encoder experts on their rows of the
         shared tower pass)."""
         same: dict = {}
@@ -185,14 +185,13 @@ class Predictor:
             return type(experts[names[0]]).grouped_logits([experts[n] for n in names], g.pad(feats))
         out = torch.full((len(names), g.width, max(len(experts[n].classes) for n in names)), float("-inf"))
         x = g.pad(feats) if any(k is not None for k in same) else None
-        starts = (torch.cumsum(g.counts, 0) - g.counts).tolist()
         for key, js in same.items():
             if key is not None:
                 y = type(experts[names[js[0]]]).grouped_logits([experts[names[j]] for j in js], x[js])
                 out[js, :, :y.shape[2]] = y
                 continue
             for j in js:
-                exp, idx = experts[names[j]], g.rows[starts[j]:starts[j] + int(g.counts[j])].tolist()
+                exp, idx = experts[names[j]], rows[names[j]]
                 if names[j] in encoded:
                     y = exp(feats[idx], encoded=encoded[names[j]])
                 else:

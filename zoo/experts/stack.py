@@ -85,7 +85,9 @@ class StackExpert(Expert):
             toks = backbone.tokenizer(prompt_texts(self.classes, self.templates))
             self.register_buffer("template_tokens", toks, persistent=False)
         self._classifier_cache: torch.Tensor | None = None
-        self._group_key: Hashable | None = ...  # computed on first use; the config never changes
+        solo = self.needs_pixels or any(hasattr(m, "adapt_image") and not hasattr(m, "adapt_image_grouped")
+                                        for m in self.stack)
+        self._group_key = None if solo else (type(self), json.dumps(self._config(), sort_keys=True), logit_scale)
 
     @property
     def kind(self) -> str:
@@ -148,11 +150,6 @@ class StackExpert(Expert):
     def group_key(self) -> Hashable | None:
         """Stacks of one config (kinds, settings, options) that work on cached features only, each
         image-embedding map able to run grouped (``adapt_image_grouped``), share a key."""
-        if self._group_key is ...:
-            solo = self.needs_pixels or any(hasattr(m, "adapt_image") and not hasattr(m, "adapt_image_grouped")
-                                            for m in self.stack)
-            self._group_key = None if solo else (type(self), json.dumps(self._config(), sort_keys=True),
-                                                  self.logit_scale)
         return self._group_key
 
     @classmethod
