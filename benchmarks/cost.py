@@ -14,14 +14,14 @@
   the same task added as #2 and as #N, medians of adds to fresh copies, the two sizes in turn);
 - routing + expert cost per image (``predict_features``, top-1, cached features: every built-in
   domain's test images, routed over many of the experts) at N-1 experts against 1 expert, the
-  best of 20 calls, median over the repeats;
+  best of 20 calls, median over the repeats; the same at 512-d features (ViT-B-32's width), on
+  the embedded towers with a 512-d embedding and random weights, 100 training images per class;
 - bytes per expert on disk: the built zoo's expert folders and router files, and the statistics
   plus router share for ViT-B-32-sized features (D=512, synthetic statistics).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import platform
@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from clipzoo.bench.growth import add_and_route, route_at_width, vit_bytes_per_expert
 from clipzoo.runtime import threads
 
 _WRAP = ("import atexit, sys\n"
@@ -158,120 +159,6 @@ def build_zoo(root: Path, env: dict) -> tuple[Path, list[Path]]:
     return zoo, images
 
 
-def _route_ms(zoo, feats: torch.Tensor, calls: int = 20) -> float:
-    """Milliseconds per image of routing + the chosen experts (top-1, no fallback), warm: the best
-    of ``calls`` calls (the machine is shared; the least disturbed call is the cost)."""
-    zoo.predict_features(feats, fallback=False)  # the router and the experts are loaded
-    best = float("inf")
-    for _ in range(calls):
-        t0 = time.perf_counter()
-        zoo.predict_features(feats, fallback=False)
-        best = min(best, time.perf_counter() - t0)
-    return 1000 * best / len(feats)
-
-
-def _timed_add(src: Path, dest: Path, task, train) -> dict:
-    """Add ``task`` to a fresh copy of the zoo ``src`` (backbone loaded first): its metrics."""
-    import shutil
-
-    from clipzoo.zoo.zoo import Zoo
-
-    shutil.rmtree(dest, ignore_errors=True)
-    shutil.copytree(src, dest)
-    zoo = Zoo.open(dest)
-    zoo.backbone  # the model is loaded once per process: not part of what is compared
-    m = zoo.add_task(task, train=train)["metrics"]
-    return {k: m.get(k) for k in ("add_seconds", "train_seconds", "router_seconds")}
-
-
-def add_and_route(root: Path, experts: int, epochs: int, repeats: int = 3, n_train: int = 300) -> dict:
-    """Add-task cost with cached features at expert #2 and #``experts``, and routing + expert cost
-    per image at 1 and at ``experts`` experts, on the embedded backbone. The two sizes are measured
-    in turn, ``repeats`` times each (every add on a fresh copy of the zoo), medians: a machine
-    whose load drifts weighs on both sides alike."""
-    import shutil
-
-    from clipzoo.tasks.data import load_builtin
-    from clipzoo.tasks.sequence import class_pair_tasks
-    from clipzoo.tasks.synthetic import DOMAINS
-    from clipzoo.zoo.train import TrainSettings
-    from clipzoo.zoo.zoo import Zoo
-
-    # by default 300 training images per class, as in the shared real data sets; distinct two-class
-    # tasks, so the probe is routed over many experts
-    domains = [load_builtin(d, n_train=n_train) for d in DOMAINS]
-    tasks = class_pair_tasks(domains, experts)
-    # the timed adds: a whole domain (the last, as task "added") and the 2-class task left out of the fill
-    added = {"": dataclasses.replace(domains[-1], name="added"), "_small": tasks[-1]}
-    z = Zoo.create(root / "zoo-n")
-    probe = torch.cat([z.features(t.test.images) for t in domains])  # every feature cached now
-    for t in domains:
-        z.features(t.train.images)
-    timed, fill = TrainSettings(epochs=epochs), TrainSettings(epochs=1)
-    for i, t in enumerate(tasks[:-1]):
-        z.add_task(t, train=fill)
-        if i == 0:
-            shutil.copytree(z.root, root / "zoo-1")
-    one = Zoo.open(root / "zoo-1")
-    adds: dict[str, list[dict]] = {f"expert_{n}{tag}": [] for tag in added for n in (2, experts)}
-    route: dict[str, list[float]] = {"experts_1": [], f"experts_{experts - 1}": []}
-    for _ in range(repeats):
-        for tag, task in added.items():  # the same task as expert #2 and as expert #N
-            adds[f"expert_2{tag}"].append(_timed_add(root / "zoo-1", root / "zoo-add", task, timed))
-            adds[f"expert_{experts}{tag}"].append(_timed_add(z.root, root / "zoo-add", task, timed))
-        route["experts_1"].append(_route_ms(one, probe))
-        route[f"experts_{experts - 1}"].append(_route_ms(z, probe))
-    med = {k: {f: round(statistics.median(a[f] for a in v), 3) for f in v[0]} for k, v in adds.items()}
-    for a in med.values():
-        a["router_share"] = round(a["router_seconds"] / a["add_seconds"], 3)
-    r = {k: round(statistics.median(v), 4) for k, v in route.items()}
-    spread = len(set(z.route(probe).indices[:, 0].tolist()))
-    out = {"experts": experts, "epochs": epochs, "repeats": repeats, "probe_images": len(probe),
-           "probe_distinct_experts": spread, "adds": med,
-           "added_tasks": {tag or "_domain": {"name": t.name, "classes": len(t.classes), "train_images": len(t.train)}
-                           for tag, t in added.items()}}
-    for tag in added:
-        first, last = med[f"expert_2{tag}"], med[f"expert_{experts}{tag}"]
-        out[f"ratio_add_last_vs_2{tag}"] = round(last["add_seconds"] / first["add_seconds"], 2)
-        out[f"router_share_max{tag}"] = max(first["router_share"], last["router_share"])
-    return {**out,
-            "route_ms_per_image": r,
-            "ratio_route_last_vs_1": round(r[f"experts_{experts - 1}"] / r["experts_1"], 2),
-            "bytes_per_expert_embedded": zoo_bytes_per_expert(z.root, len(z.names)),
-            "zoo": z.root}
-
-
-def zoo_bytes_per_expert(root: Path, n: int) -> dict:
-    """Bytes on disk per expert: expert folders (weights, config, stats) and router files, over ``n``."""
-    experts = sum(p.stat().st_size for p in (root / "experts").rglob("*") if p.is_file())
-    router = sum(p.stat().st_size for p in (root / "router").glob("router-v*")) if (root / "router").is_dir() else 0
-    stats = sum(p.stat().st_size for p in (root / "experts").glob("*/stats.safetensors"))
-    return {"total": round((experts + router) / n), "stats": round(stats / n), "router": round(router / n),
-            "router_versions_on_disk": len(list((root / "router").glob("router-v*.safetensors")))}
-
-
-def vit_bytes_per_expert(root: Path, dim: int = 512, tasks: int = 8, versions: int = 1) -> dict:
-    """Statistics + router bytes per expert for ``dim``-d features (synthetic statistics, as
-    computed for real ones) under the default router, with ``versions`` router versions on disk (the
-    expert's own weights, which depend on its kind, are not included). The ranpac router's file
-    holds a fixed-size scatter sum, so its share per expert falls as the zoo grows."""
-    from clipzoo.bench.router import _synthetic_stats
-    from clipzoo.router.ranpac import RanpacRouter
-
-    stats = {f"s{i}": s for i, (s, _) in enumerate(_synthetic_stats(tasks, dim, seed=0, per_class=12))}
-    folder = root / f"vit-{dim}-{tasks}"
-    folder.mkdir(parents=True)
-    per_stats = []
-    for name, s in stats.items():
-        (folder / name).mkdir()
-        per_stats.append((folder / name / s.save(folder / name)).stat().st_size)
-    r = RanpacRouter.from_stats(stats)
-    router = sum((folder / f).stat().st_size for f in r.save(folder, "router-v1"))
-    st = sum(per_stats) / tasks
-    return {"dim": dim, "tasks": tasks, "router_kind": "ranpac", "stats": round(st), "router": round(router / tasks),
-            "router_versions": versions, "total": round(st + versions * router / tasks)}
-
-
 def remove_startup(zoo: Path, tmp: Path, runs: int, env: dict, help_s: float) -> dict:
     """``clipzoo remove`` of the first expert from a fresh copy of ``zoo`` (a ranpac router re-solved
     without it), ``runs`` times: median wall time, its ratio to ``--help``, the heavy modules imported."""
@@ -317,13 +204,14 @@ def run_cost(runs: int = 5, small: int = 1000, large: int = 50_000, dim: int = 5
             os.environ["CLIPZOO_CACHE"] = env["CLIPZOO_CACHE"]  # the run's own cache, not the user's
             try:
                 grow = add_and_route(tmp, experts, add_epochs)
+                wide = route_at_width(tmp / "wide", 512, experts)
             finally:
                 if saved is None:
                     os.environ.pop("CLIPZOO_CACHE", None)
                 else:
                     os.environ["CLIPZOO_CACHE"] = saved
             result["remove"] = remove_startup(grow.pop("zoo"), tmp, runs, env, result["startup"]["median_s"]["--help"])
-            result["add_and_route"] = grow
+            result["add_and_route"], result["route_at_512d"] = grow, wide
             versions = grow["bytes_per_expert_embedded"]["router_versions_on_disk"]
             result["bytes_per_expert_vit_b_32"] = vit_bytes_per_expert(tmp, 512, versions=versions)
             result["bytes_per_expert_vit_b_32_at_64"] = vit_bytes_per_expert(tmp, 512, 64, versions=versions)
@@ -339,7 +227,9 @@ def run_cost(runs: int = 5, small: int = 1000, large: int = 50_000, dim: int = 5
         result["targets"].update({f"add_expert_{g['experts']}_within_1.2x_expert_2": g["ratio_add_last_vs_2"] <= 1.2,
                                   "router_refresh_under_25%_of_add": g["router_share_max"] < 0.25,
                                   "router_refresh_under_25%_of_add_2_class_task": g["router_share_max_small"] < 0.25,
-                                  f"route_{g['experts'] - 1}_within_1.5x_1": g["ratio_route_last_vs_1"] <= 1.5})
+                                  f"route_{g['experts'] - 1}_within_1.5x_1": g["ratio_route_last_vs_1"] <= 1.5,
+                                  f"route_{g['experts'] - 1}_within_1.5x_1_at_512d":
+                                      result["route_at_512d"]["ratio_route_last_vs_1"] <= 1.5})
     return result
 
 
@@ -383,6 +273,10 @@ def markdown(res: dict) -> str:
                   f"routed to {g['probe_distinct_experts']} distinct experts)",
                   f"{g['ratio_route_last_vs_1']}x ({g['route_ms_per_image']['experts_1']} -> "
                   f"{g['route_ms_per_image'][f'experts_{n - 1}']} ms)", "1.5x"),
+                 *[(f"the same at {w['dim']}-d features (ViT-B-32 width: the embedded towers with a {w['dim']}-d "
+                    f"embedding, random weights; {w['probe_images']} images, {w['probe_distinct_experts']} distinct experts)",
+                    f"{w['ratio_route_last_vs_1']}x ({w['route_ms_per_image']['experts_1']} -> "
+                    f"{w['route_ms_per_image'][f'experts_{n - 1}']} ms)", "1.5x") for w in [res.get("route_at_512d")] if w],
                  ("bytes per expert, embedded backbone (all files / experts)",
                   f"{e['total']:,} (stats {e['stats']:,}, router {e['router']:,}; {e['router_versions_on_disk']} router version on disk)",
                   "-"),

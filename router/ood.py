@@ -21,7 +21,6 @@ import numpy as np
 import torch
 
 from clipzoo.router.entry import DEFAULT_QUANTILE, check_quantile
-from clipzoo.router.groups import Groups
 from clipzoo.router.shrinkage import ledoit_wolf
 
 QUANTILES = torch.linspace(0, 1, 101, dtype=torch.float64)
@@ -50,6 +49,13 @@ def min_class_mahalanobis(x: torch.Tensor, means: torch.Tensor, chol: torch.Tens
     return class_mahalanobis(x, means, chol).min(1).values
 
 
+def _distances(y: torch.Tensor, sq: torch.Tensor) -> torch.Tensor:
+    """Squared distances from products ``y`` ``(..., D + C)`` of :meth:`OODDetector._bank`'s maps and
+    the classes' squared norms ``sq`` ``(..., C)``: ``(..., C)``."""
+    d = y.shape[-1] - sq.shape[-1]
+    return (y[..., :d].pow(2).sum(-1, keepdim=True) - 2 * y[..., d:] + sq).clamp_(min=0)
+
+
 def heldout_quantiles(feats: torch.Tensor, labels: torch.Tensor, num_classes: int, folds: int = 5,
                       seed: int = 0) -> torch.Tensor:
     """Quantiles (at :data:`QUANTILES`) of ``d(x)`` on held-out folds of a task's own features."""
@@ -68,15 +74,14 @@ def heldout_quantiles(feats: torch.Tensor, labels: torch.Tensor, num_classes: in
 class OODDetector:
     """Calibrated OOD score over the known tasks (see the module docstring).
 
-    Scoring is batched over the tasks in float32: the whitening maps (inverse Cholesky factors) are
-    stacked ``(E, D, D)`` and the class means, whitened once, padded to ``(E, C_max, D)``, so one
-    batched product and one distance computation serve every task (no Python loop over the tasks
-    per call)."""
+    Scoring is in float32 from one map per task (:meth:`_bank`: the inverse Cholesky factor and the
+    whitened class means), stacked ``(E, D + C_max, D)``: one batched product scores every input
+    under every task, and the routed candidates cost one product per task reached."""
 
     def __init__(self, class_means: list[torch.Tensor], chols: list[torch.Tensor], quantiles: list[torch.Tensor],
                  q: float = DEFAULT_QUANTILE):
         self.class_means, self.chols, self.quantiles = class_means, chols, quantiles
-        self._batched: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._maps: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.logdets = torch.stack([2 * torch.log(torch.diagonal(c.double())).sum() for c in chols]) if chols \
             else torch.empty(0, dtype=torch.float64)
         self.q = q
@@ -104,28 +109,31 @@ class OODDetector:
             lo, hi = (mid, hi) if self.false_fallback_rate(mid) > 1 - q else (lo, mid)
         return hi
 
-    def _stacked(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Whitening maps ``L^-1`` ``(E, D, D)``, whitened class means ``(E, C_max, D)`` and the mask
-        of padded classes ``(E, C_max)``, computed once in float64 and kept in float32 (a batched
-        product whitens faster than a batched triangular solve)."""
-        if self._batched is None:
-            eye = torch.eye(self.chols[0].shape[0], dtype=torch.float64)
-            white = torch.stack([torch.linalg.solve_triangular(c.double(), eye, upper=False) for c in self.chols])
-            c_max = max(len(m) for m in self.class_means)
-            wm = torch.zeros(len(white), c_max, white.shape[1])
-            pad = torch.ones(len(white), c_max, dtype=torch.bool)
+    def _bank(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per task ``t``, a centre ``c_t`` (the mean of its class means) ``(E, D)``, the map ``A_t``
+        ``(D + C_max, D)`` with ``(x - c_t) @ A_t.T = [w, w . m_k for each class k]`` for
+        ``w = L_t^-1 (x - c_t)`` and the whitened class means ``m_k = L_t^-1 (mu_k - c_t)``, and
+        ``|m_k|^2`` ``(E, C_max)`` (``inf`` past a task's classes): one product per task gives the
+        distances to all its classes, ``|w|^2 - 2 w . m_k + |m_k|^2``, the centring keeping float32
+        from cancelling large terms. Computed once in float64 and kept in float32."""
+        if self._maps is None:
+            d, c_max = self.chols[0].shape[0], max(len(m) for m in self.class_means)
+            centres = torch.stack([m.double().mean(0) for m in self.class_means])
+            bank = torch.zeros(len(self.chols), d + c_max, d)
+            sq = torch.full((len(self.chols), c_max), float("inf"))
+            eye = torch.eye(d, dtype=torch.float64)
             for e, (m, c) in enumerate(zip(self.class_means, self.chols)):
-                wm[e, :len(m)] = whiten(m, c).float()
-                pad[e, :len(m)] = False
-            self._batched = (white.float(), wm, pad)
-        return self._batched
+                white = torch.linalg.solve_triangular(c.double(), eye, upper=False)
+                wm = (m.double() - centres[e]) @ white.T
+                bank[e, :d], bank[e, d:d + len(m)], sq[e, :len(m)] = white, wm @ white, wm.pow(2).sum(1)
+            self._maps = (centres.float(), bank, sq)
+        return self._maps
 
     def padded_distances(self, feats: torch.Tensor) -> torch.Tensor:
         """Squared Mahalanobis distances of every input to every task's classes ``(E, B, C_max)``
         (``inf`` on padded classes), float32, all tasks at once."""
-        white, wm, pad = self._stacked()
-        xw = torch.matmul(feats.float(), white.transpose(1, 2))                  # (E, B, D)
-        return torch.cdist(xw, wm).pow(2).masked_fill(pad[:, None, :], float("inf"))
+        centres, bank, sq = self._bank()
+        return _distances(torch.matmul(feats.float()[None] - centres[:, None], bank.transpose(1, 2)), sq[:, None, :])
 
     def distances(self, feats: torch.Tensor, padded: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Per task, the squared Mahalanobis distances to its classes ``(B, C_t)``."""
@@ -159,17 +167,22 @@ class OODDetector:
 
     def _candidate_scores(self, feats: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
         """``min`` over each row's candidate tasks of ``d_t(x) + log det Sigma_t``: ``(B,)``. The
-        (row, candidate) pairs are grouped by task and padded (:class:`clipzoo.router.groups.Groups`),
-        so a few batched products and distance computations serve every candidate task."""
-        white, wm, pad = self._stacked()
-        out = torch.full((len(feats),), float("inf"))
-        rows = torch.arange(len(feats)).repeat_interleave(candidates.shape[1])
-        for g in Groups.of(candidates.reshape(-1), rows).parts():
-            t = g.owners
-            xw = torch.bmm(g.pad(feats.float()), white[t].transpose(1, 2))
-            d = torch.cdist(xw, wm[t]).pow(2).masked_fill(pad[t][:, None, :], float("inf")).min(2).values
-            out.scatter_reduce_(0, g.rows, g.take(d) + self.logdets.float()[t[g.group]], "amin")
-        return out
+        (row, candidate) pairs are sorted by task and each task's rows go through one product with
+        its own map, read in place: copying the maps of every task a batch reaches into one
+        batched operand would move ``D x D`` floats per task for a product of a few rows."""
+        centres, bank, sq = self._bank()
+        task = candidates.reshape(-1)
+        order = torch.argsort(task, stable=True)
+        task, rows = task[order], order // candidates.shape[1]
+        x = feats.float()[rows]
+        y = x.new_empty(len(x), bank.shape[1])
+        tasks, counts = torch.unique_consecutive(task, return_counts=True)
+        start = 0
+        for t, n in zip(tasks.tolist(), counts.tolist()):
+            torch.mm(x[start:start + n] - centres[t], bank[t].T, out=y[start:start + n])
+            start += n
+        d = _distances(y, sq[task]).min(1).values + self.logdets.float()[task]
+        return torch.full((len(feats),), float("inf")).scatter_reduce_(0, rows, d, "amin")
 
     def is_ood(self, feats: torch.Tensor) -> torch.Tensor:
         return self.score(feats) > 0

@@ -20,8 +20,9 @@ def projection(dim: int, width: int = PROJECTION_DIM, seed: int = PROJECTION_SEE
 
 
 def random_features(x: torch.Tensor, proj: torch.Tensor) -> torch.Tensor:
-    """``relu(normalize(x) @ P)`` in float32: ``(B, M)``."""
-    return torch.relu(torch.nn.functional.normalize(x.float(), dim=-1) @ proj)
+    """``relu(normalize(x) @ P)`` in float32: ``(B, M)`` (the ReLU in place: a second ``B x M``
+    buffer costs more than the ReLU itself)."""
+    return (torch.nn.functional.normalize(x.float(), dim=-1) @ proj).relu_()
 
 
 def scatter_factor(h: torch.Tensor, labels: torch.Tensor, num_classes: int, rank: int = RANK

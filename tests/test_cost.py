@@ -321,7 +321,7 @@ def test_set_threads(monkeypatch):
 def test_add_and_route_measures_distinct_experts(tmp_path):
     """bench-cost's add and routing rows on a small zoo of distinct two-class tasks: each figure
     is there, measured, and the probe is routed to more than one expert."""
-    from clipzoo.bench.cost import add_and_route
+    from clipzoo.bench.growth import add_and_route
 
     g = add_and_route(tmp_path, experts=4, epochs=1, repeats=1, n_train=6)
     assert set(g["adds"]) == {"expert_2", "expert_4", "expert_2_small", "expert_4_small"} and g["probe_images"] > 0
@@ -347,3 +347,15 @@ def test_cache_hits_measure_two_cache_sizes_without_encoding(tmp_path):
     for k in ("single", "batch"):
         name = "single_image_call_ms" if k == "single" else "batch_call_ms_per_image"
         assert r[f"ratio_{k}"] == round(r["large"][name] / r["small"][name], 2) > 0
+
+
+def test_route_at_width_builds_a_wide_zoo_and_measures_both_sizes(tmp_path):
+    """bench-cost's 512-d routing row: the zoo's features have the asked width, both sizes are
+    measured and the probe reaches more than one expert."""
+    from clipzoo.bench.growth import route_at_width
+    from clipzoo.zoo.zoo import Zoo
+
+    w = route_at_width(tmp_path, 32, experts=4, repeats=1, n_train=6)
+    assert w["dim"] == 32 and set(w["route_ms_per_image"]) == {"experts_1", "experts_3"}
+    assert all(v > 0 for v in w["route_ms_per_image"].values()) and 1 < w["probe_distinct_experts"] <= 3
+    assert Zoo.open(tmp_path / "zoo-n").router().dim == 32

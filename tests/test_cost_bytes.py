@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from clipzoo.bench.cost import vit_bytes_per_expert
+from clipzoo.bench.growth import vit_bytes_per_expert
 
 
 def test_router_share_per_expert_falls_as_the_zoo_grows(tmp_path):

@@ -439,3 +439,29 @@ def test_the_previous_router_version_is_pruned_once_no_reader_holds_it(learned_z
     gc.collect()
     z.refresh_router()
     assert current() == sorted(z.registry["router"]["files"])
+
+
+def test_ood_scores_keep_float64_precision_at_vit_width():
+    """At ViT-B-32's 512-d features packed tightly around a common direction (as CLIP's are), an
+    input's whitened norm is far larger than its distance to a class; the float32 scores (all
+    tasks, and the routed candidates through each task's own map) still stay within 1e-4 of the
+    float64 per-task reference, because the maps work on centred inputs."""
+    g = torch.Generator().manual_seed(5)
+    dim, classes, per_class = 512, 4, 200
+    common = F.normalize(torch.randn(dim, generator=g), dim=0)
+    stats, feats = [], []
+    for _ in range(3):
+        means = common + 0.05 * F.normalize(torch.randn(classes, dim, generator=g), dim=1)
+        y = torch.arange(classes).repeat_interleave(per_class)
+        x = F.normalize(means[y] + 0.02 / dim ** 0.5 * torch.randn(len(y), dim, generator=g), dim=1)
+        stats.append(compute_stats(x, y, classes))
+        feats.append(x[::10])
+    det = detector_from_stats(stats)
+    feats = torch.cat(feats)
+    ref = _old_ood_scores(stats, det, feats)
+    torch.testing.assert_close(det.score(feats).double(), ref, rtol=1e-4, atol=1e-3)
+    own = torch.arange(len(stats)).repeat_interleave(len(feats) // len(stats))[:, None]
+    per_task = det.task_scores(feats).double()
+    torch.testing.assert_close(det._candidate_scores(feats, own).double(), per_task.gather(1, own)[:, 0],
+                               rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(per_task.min(1).values - det.threshold, ref, rtol=1e-4, atol=1e-3)
