@@ -178,8 +178,8 @@ class OODDetector:
         y = x.new_empty(len(x), bank.shape[1])
         tasks, counts = torch.unique_consecutive(task, return_counts=True)
         start = 0
-        for t, n in zip(tasks.tolist(), counts.tolist()):
-            torch.mm(x[start:start + n] - centres[t], bank[t].T, out=y[start:start + n])
+        for t, n in zip(tasks.tolist(), counts.tolist()):  # map @ x.T: the map streams through once, unpacked
+            y[start:start + n] = (bank[t] @ (x[start:start + n] - centres[t]).T).T
             start += n
         d = _distances(y, sq[task]).min(1).values + self.logdets.float()[task]
         return torch.full((len(feats),), float("inf")).scatter_reduce_(0, rows, d, "amin")
