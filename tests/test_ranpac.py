@@ -93,6 +93,30 @@ def test_add_then_remove_equals_building_without_it(stats):
         RanpacConfig(shrinkage=2.0)
 
 
+def test_torch_and_numpy_updates_give_the_same_router(stats, monkeypatch):
+    """Adding and removing tasks in a process with torch loaded (in-place scatter update, Cholesky
+    solve) and without it (numpy, as ``clipzoo remove`` runs) gives the same scatter and weights;
+    a covariance that is not positive definite (no shrinkage, rank-deficient scatter) still solves."""
+    import numpy as np
+
+    from clipzoo.router import lda
+
+    def build() -> RanpacRouter:
+        r = RanpacRouter.from_stats({k: stats[k] for k in ("t0", "t1")})
+        r.add("t2", stats["t2"])
+        r.remove("t0", stats["t0"])
+        return r
+
+    with_torch = build()
+    monkeypatch.setattr(lda, "_loaded_torch", lambda: None)
+    without = build()
+    np.testing.assert_allclose(with_torch.scatter, without.scatter, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(with_torch.w, without.w, rtol=1e-4, atol=1e-6 * np.abs(without.w).max())
+    monkeypatch.undo()
+    indefinite, rhs = np.diag([1.0, -1.0, 2.0]), np.ones((3, 2))
+    np.testing.assert_allclose(lda.solve_spd(indefinite, rhs), np.linalg.solve(indefinite, rhs))
+
+
 def test_router_file_keeps_half_the_scatter_and_loads_older_full_files(stats, tmp_path):
     """The router file holds the symmetric scatter sum's upper triangle (float32); loading gives
     the full matrix back, and a file of an older clipzoo (the full matrix) loads the same."""
