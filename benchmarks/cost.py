@@ -225,6 +225,8 @@ def run_cost(runs: int = 5, small: int = 1000, large: int = 50_000, dim: int = 5
     if "add_and_route" in result:
         g = result["add_and_route"]
         result["targets"].update({f"add_expert_{g['experts']}_within_1.2x_expert_2": g["ratio_add_last_vs_2"] <= 1.2,
+                                  f"add_expert_{g['experts']}_within_1.2x_expert_2_2_class_task":
+                                      g["ratio_add_last_vs_2_small"] <= 1.2,
                                   "router_refresh_under_25%_of_add": g["router_share_max"] < 0.25,
                                   "router_refresh_under_25%_of_add_2_class_task": g["router_share_max_small"] < 0.25,
                                   f"route_{g['experts'] - 1}_within_1.5x_1": g["ratio_route_last_vs_1"] <= 1.5,

@@ -20,8 +20,7 @@ def projection(dim: int, width: int = PROJECTION_DIM, seed: int = PROJECTION_SEE
 
 
 def random_features(x: torch.Tensor, proj: torch.Tensor) -> torch.Tensor:
-    """``relu(normalize(x) @ P)`` in float32: ``(B, M)`` (the ReLU in place: a second ``B x M``
-    buffer costs more than the ReLU itself)."""
+    """``relu(normalize(x) @ P)`` in float32: ``(B, M)`` (the ReLU in place: no second ``B x M`` buffer)."""
     return (torch.nn.functional.normalize(x.float(), dim=-1) @ proj).relu_()
 
 
