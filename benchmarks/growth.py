@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from clipzoo.zoo.backbone import ASSETS, TINY_MODEL, BackboneSpec
+
 
 def _route_ms(zoo, feats: torch.Tensor, calls: int = 20) -> float:
     """Milliseconds per image of routing + the chosen experts (top-1, no fallback), warm: the best
@@ -39,7 +41,7 @@ def _timed_add(src: Path, dest: Path, task, train) -> dict:
     return {k: m.get(k) for k in ("add_seconds", "train_seconds", "router_seconds")}
 
 
-def _filled_zoo(root: Path, experts: int, n_train: int, backbone=None) -> dict:
+def _filled_zoo(root: Path, experts: int, n_train: int, backbone: BackboneSpec = BackboneSpec()) -> dict:
     """A zoo of ``experts - 1`` distinct two-class tasks cut from the built-in domains (each
     trained one epoch, every feature cached first) and a copy holding the first alone: the
     domains, the tasks (the last one left out), both zoos and the probe (every domain's test
@@ -54,7 +56,7 @@ def _filled_zoo(root: Path, experts: int, n_train: int, backbone=None) -> dict:
 
     domains = [load_builtin(d, n_train=n_train) for d in DOMAINS]
     tasks = class_pair_tasks(domains, experts)
-    z = Zoo.create(root / "zoo-n", **({"backbone": backbone} if backbone else {}))
+    z = Zoo.create(root / "zoo-n", backbone)
     probe = torch.cat([z.features(t.test.images) for t in domains])  # every feature cached now
     for t in domains:
         z.features(t.train.images)
@@ -82,10 +84,10 @@ def add_and_route(root: Path, experts: int, epochs: int, repeats: int = 3, n_tra
     from clipzoo.zoo.train import TrainSettings
 
     # by default 300 training images per class, as in the shared real data sets
-    f = _filled_zoo(root, experts, n_train)
-    z, one = f["zoo"], f["one"]
+    filled = _filled_zoo(root, experts, n_train)
+    z, one, probe = filled["zoo"], filled["one"], filled["probe"]
     # the timed adds: a whole domain (the last, as task "added") and the 2-class task left out of the fill
-    added = {"": dataclasses.replace(f["domains"][-1], name="added"), "_small": f["tasks"][-1]}
+    added = {"": dataclasses.replace(filled["domains"][-1], name="added"), "_small": filled["tasks"][-1]}
     timed = TrainSettings(epochs=epochs)
     adds: dict[str, list[dict]] = {f"expert_{n}{tag}": [] for tag in added for n in (2, experts)}
     route: dict[str, list[float]] = {"experts_1": [], f"experts_{experts - 1}": []}
@@ -93,8 +95,8 @@ def add_and_route(root: Path, experts: int, epochs: int, repeats: int = 3, n_tra
         for tag, task in added.items():  # the same task as expert #2 and as expert #N
             adds[f"expert_2{tag}"].append(_timed_add(root / "zoo-1", root / "zoo-add", task, timed))
             adds[f"expert_{experts}{tag}"].append(_timed_add(z.root, root / "zoo-add", task, timed))
-        route["experts_1"].append(_route_ms(one, f["probe"]))
-        route[f"experts_{experts - 1}"].append(_route_ms(z, f["probe"]))
+        route["experts_1"].append(_route_ms(one, probe))
+        route[f"experts_{experts - 1}"].append(_route_ms(z, probe))
     med = {k: {f: round(statistics.median(a[f] for a in v), 3) for f in v[0]} for k, v in adds.items()}
     for a in med.values():
         a["router_share"] = round(a["router_seconds"] / a["add_seconds"], 3)
@@ -105,19 +107,17 @@ def add_and_route(root: Path, experts: int, epochs: int, repeats: int = 3, n_tra
         first, last = med[f"expert_2{tag}"], med[f"expert_{experts}{tag}"]
         out[f"ratio_add_last_vs_2{tag}"] = round(last["add_seconds"] / first["add_seconds"], 2)
         out[f"router_share_max{tag}"] = max(first["router_share"], last["router_share"])
-    return {**out, **_route_rows(route, f),
+    return {**out, **_route_rows(route, filled),
             "bytes_per_expert_embedded": zoo_bytes_per_expert(z.root, len(z.names)),
             "zoo": z.root}
 
 
-def wide_backbone(folder: Path, dim: int):
+def wide_backbone(folder: Path, dim: int) -> BackboneSpec:
     """The embedded model's towers with a ``dim``-d joint embedding (open_clip config registered
     in this process), random weights saved to a local file: the features, routers and experts of
     a ``dim``-d CLIP (ViT-B-32's width at 512) without its cost to encode."""
     import open_clip
     from safetensors.torch import save_file
-
-    from clipzoo.zoo.backbone import ASSETS, TINY_MODEL, BackboneSpec
 
     name = f"{TINY_MODEL}-{dim}d"
     folder.mkdir(parents=True, exist_ok=True)
@@ -136,12 +136,12 @@ def route_at_width(root: Path, dim: int, experts: int, repeats: int = 3, n_train
     (:func:`wide_backbone`), measured in turn ``repeats`` times, medians: what grows with the
     experts a batch reaches (each one's adapter weights and whitening map, ``D x D``) weighs far
     more at ViT-B-32's width than at the embedded model's."""
-    f = _filled_zoo(root, experts, n_train, wide_backbone(root / "backbone", dim))
+    filled = _filled_zoo(root, experts, n_train, wide_backbone(root / "backbone", dim))
     route: dict[str, list[float]] = {"experts_1": [], f"experts_{experts - 1}": []}
     for _ in range(repeats):
-        route["experts_1"].append(_route_ms(f["one"], f["probe"]))
-        route[f"experts_{experts - 1}"].append(_route_ms(f["zoo"], f["probe"]))
-    return {"dim": dim, "experts": experts, "train_images_per_class": n_train, **_route_rows(route, f)}
+        route["experts_1"].append(_route_ms(filled["one"], filled["probe"]))
+        route[f"experts_{experts - 1}"].append(_route_ms(filled["zoo"], filled["probe"]))
+    return {"dim": dim, "experts": experts, "train_images_per_class": n_train, **_route_rows(route, filled)}
 
 
 def zoo_bytes_per_expert(root: Path, n: int) -> dict:
