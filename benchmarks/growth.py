@@ -76,7 +76,7 @@ def _route_rows(route: dict[str, list[float]], filled: dict) -> dict:
             "route_ms_per_image": r, "ratio_route_last_vs_1": round(last / first, 2)}
 
 
-def add_and_route(root: Path, experts: int, epochs: int, repeats: int = 3, n_train: int = 300) -> dict:
+def add_and_route(root: Path, experts: int, epochs: int, repeats: int = 5, n_train: int = 300) -> dict:
     """Add-task cost with cached features at expert #2 and #``experts``, and routing + expert cost
     per image at 1 and at ``experts - 1`` experts, on the embedded backbone. The two sizes are
     measured in turn, ``repeats`` times each (every add on a fresh copy of the zoo), medians: a
