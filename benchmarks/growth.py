@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -28,13 +29,14 @@ def _route_ms(zoo, feats: torch.Tensor, calls: int = 20) -> float:
 
 
 def _timed_add(src: Path, dest: Path, task, train) -> dict:
-    """Add ``task`` to a fresh copy of the zoo ``src`` (backbone loaded first): its metrics."""
+    """Add ``task`` to a fresh copy of the zoo ``src`` (backbone loaded first, the copy on disk): its metrics."""
     import shutil
 
     from clipzoo.zoo.zoo import Zoo
 
     shutil.rmtree(dest, ignore_errors=True)
     shutil.copytree(src, dest)
+    os.sync()  # the copy's dirty pages written now: the add's own fsyncs would otherwise flush them
     zoo = Zoo.open(dest)
     zoo.backbone  # the model is loaded once per process: not part of what is compared
     m = zoo.add_task(task, train=train)["metrics"]
