@@ -99,8 +99,9 @@ def solve_spd(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     torch = _loaded_torch()
     if torch is not None:
         chol, info = torch.linalg.cholesky_ex(torch.from_numpy(a))
-        if int(info) == 0:
-            return torch.cholesky_solve(torch.from_numpy(np.ascontiguousarray(b)), chol).numpy()
+        if int(info) == 0:  # two triangular solves: torch's cholesky_solve measured slower
+            y = torch.linalg.solve_triangular(chol, torch.from_numpy(np.ascontiguousarray(b)), upper=False)
+            return torch.linalg.solve_triangular(chol.T, y, upper=True).numpy()
     return np.linalg.solve(a, b)
 
 
