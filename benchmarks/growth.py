@@ -7,13 +7,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
+from clipzoo.tasks.data import load_builtin
+from clipzoo.tasks.sequence import class_pair_tasks
+from clipzoo.tasks.synthetic import DOMAINS
 from clipzoo.zoo.backbone import ASSETS, TINY_MODEL, BackboneSpec
+from clipzoo.zoo.train import TrainSettings
+from clipzoo.zoo.zoo import Zoo
 
 
 def _route_ms(zoo, feats: torch.Tensor, calls: int = 20) -> float:
@@ -30,10 +36,6 @@ def _route_ms(zoo, feats: torch.Tensor, calls: int = 20) -> float:
 
 def _timed_add(src: Path, dest: Path, task, train) -> dict:
     """Add ``task`` to a fresh copy of the zoo ``src`` (backbone loaded first, the copy on disk): its metrics."""
-    import shutil
-
-    from clipzoo.zoo.zoo import Zoo
-
     shutil.rmtree(dest, ignore_errors=True)
     shutil.copytree(src, dest)
     os.sync()  # the copy's dirty pages written now: the add's own fsyncs would otherwise flush them
@@ -48,14 +50,6 @@ def _filled_zoo(root: Path, experts: int, n_train: int, backbone: BackboneSpec =
     trained one epoch, every feature cached first) and a copy holding the first alone: the
     domains, the tasks (the last one left out), both zoos and the probe (every domain's test
     images, so it is routed over many experts)."""
-    import shutil
-
-    from clipzoo.tasks.data import load_builtin
-    from clipzoo.tasks.sequence import class_pair_tasks
-    from clipzoo.tasks.synthetic import DOMAINS
-    from clipzoo.zoo.train import TrainSettings
-    from clipzoo.zoo.zoo import Zoo
-
     domains = [load_builtin(d, n_train=n_train) for d in DOMAINS]
     tasks = class_pair_tasks(domains, experts)
     z = Zoo.create(root / "zoo-n", backbone)
@@ -83,8 +77,6 @@ def add_and_route(root: Path, experts: int, epochs: int, repeats: int = 5, n_tra
     per image at 1 and at ``experts - 1`` experts, on the embedded backbone. The two sizes are
     measured in turn, ``repeats`` times each (every add on a fresh copy of the zoo), medians: a
     machine whose load drifts weighs on both sides alike."""
-    from clipzoo.zoo.train import TrainSettings
-
     # by default 300 training images per class, as in the shared real data sets
     filled = _filled_zoo(root, experts, n_train)
     z, one, probe = filled["zoo"], filled["one"], filled["probe"]
