@@ -145,6 +145,21 @@ def test_router_file_keeps_half_the_scatter_and_loads_older_full_files(stats, tm
         RanpacRouter.load(weights, meta, stats.__getitem__)
 
 
+@pytest.mark.parametrize("m", [1, 2, 127, 128, 129, 300])
+def test_packed_triangle_round_trips_at_sizes_off_the_tile(m):
+    """Packing keeps the upper triangle row by row; unpacking mirrors it tile by tile, also where
+    ``M`` is not a multiple of the tile: the float32-rounded symmetric matrix comes back."""
+    import numpy as np
+
+    from clipzoo.router.lda import pack_upper, unpack_upper
+
+    a = np.random.default_rng(m).standard_normal((m, m))
+    a = a + a.T
+    packed = pack_upper(a)
+    assert np.array_equal(packed, a[np.triu_indices(m)].astype(np.float32))
+    assert np.array_equal(unpack_upper(packed, m), a.astype(np.float32).astype(np.float64))
+
+
 def test_stats_of_older_versions_load_but_cannot_join(stats, tmp_path):
     s = stats["t0"]
     save_file({k: v.contiguous() for k, v in vars(s).items() if not k.startswith("rp_")}, str(tmp_path / "stats.safetensors"))
