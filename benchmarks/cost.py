@@ -11,10 +11,12 @@
 - add-task with cached features (in process, embedded backbone): ``add_seconds`` and the router
   update's share of it for expert #2 and expert #N (the zoo filled with distinct two-class tasks
   cut from the built-in domains, 300 training images per class, the fill trained for one epoch;
-  the same task added as #2 and as #N, medians of adds to fresh copies, the two sizes in turn);
+  the same task added as #2 and as #N to fresh copies, the two sizes in turn; medians of the
+  adds, and of each repeat's ratio with its range);
 - routing + expert cost per image (``predict_features``, top-1, cached features: every built-in
   domain's test images, routed over many of the experts) at N-1 experts against 1 expert, the
-  best of 20 calls, median over the repeats; the same at 512-d features (ViT-B-32's width), on
+  two zoos' calls alternating, each side's best of 20 calls; the median and range of the
+  repeats' ratios; the same at 512-d features (ViT-B-32's width), on
   the embedded towers with a 512-d embedding and random weights, 100 training images per class;
 - bytes per expert on disk: the built zoo's expert folders and router files, and the statistics
   plus router share for ViT-B-32-sized features (D=512, synthetic statistics).
@@ -235,6 +237,11 @@ def run_cost(runs: int = 5, small: int = 1000, large: int = 50_000, dim: int = 5
     return result
 
 
+def _span(r: list[float]) -> str:
+    """A range of per-repeat ratios, as the table writes it."""
+    return f"{r[0]}-{r[1]}x"
+
+
 def markdown(res: dict) -> str:
     """The README's table."""
     s, c = res["startup"], res["cache_hit"]
@@ -267,17 +274,20 @@ def markdown(res: dict) -> str:
             a2, an = g["adds"][f"expert_2{tag}"], g["adds"][f"expert_{n}{tag}"]
             task = f"{what['name']}: {what['classes']} classes, {what['train_images']:,} images"
             rows += [(f"add-task ({task}), cached features ({g['epochs']} epochs): expert #{n} vs #2",
-                      f"{g['ratio_add_last_vs_2' + tag]}x ({a2['add_seconds']} -> {an['add_seconds']} s)", "1.2x"),
+                      f"{g['ratio_add_last_vs_2' + tag]}x (repeats {_span(g['ratio_add_range' + tag])}; "
+                      f"{a2['add_seconds']} -> {an['add_seconds']} s)", "1.2x"),
                      (f"router refresh share of that add, #2 / #{n}",
                       f"{round(100 * a2['router_share'])}% / {round(100 * an['router_share'])}% "
                       f"({a2['router_seconds']} / {an['router_seconds']} s)", "under 25%")]
         rows += [(f"routing + expert per image, {n - 1} vs 1 experts ({g['probe_images']} cached images, top-1, "
                   f"routed to {g['probe_distinct_experts']} distinct experts)",
-                  f"{g['ratio_route_last_vs_1']}x ({g['route_ms_per_image']['experts_1']} -> "
+                  f"{g['ratio_route_last_vs_1']}x (repeats {_span(g['ratio_route_range'])}; "
+                  f"{g['route_ms_per_image']['experts_1']} -> "
                   f"{g['route_ms_per_image'][f'experts_{n - 1}']} ms)", "1.5x"),
                  *[(f"the same at {w['dim']}-d features (ViT-B-32 width: the embedded towers with a {w['dim']}-d "
                     f"embedding, random weights; {w['probe_images']} images, {w['probe_distinct_experts']} distinct experts)",
-                    f"{w['ratio_route_last_vs_1']}x ({w['route_ms_per_image']['experts_1']} -> "
+                    f"{w['ratio_route_last_vs_1']}x (repeats {_span(w['ratio_route_range'])}; "
+                    f"{w['route_ms_per_image']['experts_1']} -> "
                     f"{w['route_ms_per_image'][f'experts_{n - 1}']} ms)", "1.5x") for w in [res.get("route_at_512d")] if w],
                  ("bytes per expert, embedded backbone (all files / experts)",
                   f"{e['total']:,} (stats {e['stats']:,}, router {e['router']:,}; {e['router_versions_on_disk']} router version on disk)",

@@ -22,16 +22,20 @@ from clipzoo.zoo.train import TrainSettings
 from clipzoo.zoo.zoo import Zoo
 
 
-def _route_ms(zoo, feats: torch.Tensor, calls: int = 20) -> float:
-    """Milliseconds per image of routing + the chosen experts (top-1, no fallback), warm: the best
-    of ``calls`` calls (the machine is shared; the least disturbed call is the cost)."""
-    zoo.predict_features(feats, fallback=False)  # the router and the experts are loaded
-    best = float("inf")
+def _route_pair(one, many, feats: torch.Tensor, calls: int = 20) -> tuple[float, float]:
+    """Milliseconds per image of routing + the chosen experts (top-1, no fallback), warm, on zoo
+    ``one`` and zoo ``many``: their calls alternate, and each side keeps its best of ``calls`` (the
+    machine is shared; the least disturbed call is the cost, and both sides see the same spells
+    of load)."""
+    best = [float("inf"), float("inf")]
+    for z in (one, many):
+        z.predict_features(feats, fallback=False)  # the router and the experts are loaded
     for _ in range(calls):
-        t0 = time.perf_counter()
-        zoo.predict_features(feats, fallback=False)
-        best = min(best, time.perf_counter() - t0)
-    return 1000 * best / len(feats)
+        for side, z in enumerate((one, many)):
+            t0 = time.perf_counter()
+            z.predict_features(feats, fallback=False)
+            best[side] = min(best[side], time.perf_counter() - t0)
+    return 1000 * best[0] / len(feats), 1000 * best[1] / len(feats)
 
 
 def _timed_add(src: Path, dest: Path, task, train) -> dict:
@@ -63,20 +67,25 @@ def _filled_zoo(root: Path, experts: int, n_train: int, backbone: BackboneSpec =
     return {"domains": domains, "tasks": tasks, "one": Zoo.open(root / "zoo-1"), "zoo": z, "probe": probe}
 
 
-def _route_rows(route: dict[str, list[float]], filled: dict) -> dict:
-    """Medians of the per-image routing figures, their ratio and how many experts the probe reaches."""
-    r = {k: round(statistics.median(v), 4) for k, v in route.items()}
-    last, first = r[f"experts_{len(filled['zoo'].names)}"], r["experts_1"]
+def _route_rows(pairs: list[tuple[float, float]], filled: dict) -> dict:
+    """The per-image routing figures of :func:`_route_pair` (one pair per repeat): medians of each
+    side, the median and range of the per-repeat ratios, and how many experts the probe reaches."""
+    n = len(filled["zoo"].names)
+    ratios = [b / a for a, b in pairs]
     return {"probe_images": len(filled["probe"]),
             "probe_distinct_experts": len(set(filled["zoo"].route(filled["probe"]).indices[:, 0].tolist())),
-            "route_ms_per_image": r, "ratio_route_last_vs_1": round(last / first, 2)}
+            "route_ms_per_image": {"experts_1": round(statistics.median(a for a, _ in pairs), 4),
+                                   f"experts_{n}": round(statistics.median(b for _, b in pairs), 4)},
+            "ratio_route_last_vs_1": round(statistics.median(ratios), 2),
+            "ratio_route_range": [round(min(ratios), 2), round(max(ratios), 2)]}
 
 
 def add_and_route(root: Path, experts: int, epochs: int, repeats: int = 5, n_train: int = 300) -> dict:
     """Add-task cost with cached features at expert #2 and #``experts``, and routing + expert cost
     per image at 1 and at ``experts - 1`` experts, on the embedded backbone. The two sizes are
-    measured in turn, ``repeats`` times each (every add on a fresh copy of the zoo), medians: a
-    machine whose load drifts weighs on both sides alike."""
+    measured in turn, ``repeats`` times each (every add on a fresh copy of the zoo): medians of
+    each figure, and of each repeat's ratio with its range, so that a machine whose load drifts
+    weighs on both sides alike."""
     # by default 300 training images per class, as in the shared real data sets
     filled = _filled_zoo(root, experts, n_train)
     z, one, probe = filled["zoo"], filled["one"], filled["probe"]
@@ -84,23 +93,23 @@ def add_and_route(root: Path, experts: int, epochs: int, repeats: int = 5, n_tra
     added = {"": dataclasses.replace(filled["domains"][-1], name="added"), "_small": filled["tasks"][-1]}
     timed = TrainSettings(epochs=epochs)
     adds: dict[str, list[dict]] = {f"expert_{n}{tag}": [] for tag in added for n in (2, experts)}
-    route: dict[str, list[float]] = {"experts_1": [], f"experts_{experts - 1}": []}
+    route: list[tuple[float, float]] = []
     for _ in range(repeats):
         for tag, task in added.items():  # the same task as expert #2 and as expert #N
             adds[f"expert_2{tag}"].append(_timed_add(root / "zoo-1", root / "zoo-add", task, timed))
             adds[f"expert_{experts}{tag}"].append(_timed_add(z.root, root / "zoo-add", task, timed))
-        route["experts_1"].append(_route_ms(one, probe))
-        route[f"experts_{experts - 1}"].append(_route_ms(z, probe))
+        route.append(_route_pair(one, z, probe))
     med = {k: {f: round(statistics.median(a[f] for a in v), 3) for f in v[0]} for k, v in adds.items()}
     for a in med.values():
         a["router_share"] = round(a["router_seconds"] / a["add_seconds"], 3)
     out = {"experts": experts, "epochs": epochs, "repeats": repeats, "adds": med,
            "added_tasks": {tag or "_domain": {"name": t.name, "classes": len(t.classes), "train_images": len(t.train)}
                            for tag, t in added.items()}}
-    for tag in added:
-        first, last = med[f"expert_2{tag}"], med[f"expert_{experts}{tag}"]
-        out[f"ratio_add_last_vs_2{tag}"] = round(last["add_seconds"] / first["add_seconds"], 2)
-        out[f"router_share_max{tag}"] = max(first["router_share"], last["router_share"])
+    for tag in added:  # the ratio of each repeat's two adds, made one after the other
+        ratios = [b["add_seconds"] / a["add_seconds"] for a, b in zip(adds[f"expert_2{tag}"], adds[f"expert_{experts}{tag}"])]
+        out[f"ratio_add_last_vs_2{tag}"] = round(statistics.median(ratios), 2)
+        out[f"ratio_add_range{tag}"] = [round(min(ratios), 2), round(max(ratios), 2)]
+        out[f"router_share_max{tag}"] = max(med[f"expert_2{tag}"]["router_share"], med[f"expert_{experts}{tag}"]["router_share"])
     return {**out, **_route_rows(route, filled),
             "bytes_per_expert_embedded": zoo_bytes_per_expert(z.root, len(z.names)),
             "zoo": z.root}
@@ -127,14 +136,11 @@ def wide_backbone(folder: Path, dim: int) -> BackboneSpec:
 
 def route_at_width(root: Path, dim: int, experts: int, repeats: int = 3, n_train: int = 100) -> dict:
     """Routing + expert cost per image at 1 and ``experts - 1`` experts on ``dim``-d features
-    (:func:`wide_backbone`), measured in turn ``repeats`` times, medians: what grows with the
+    (:func:`wide_backbone`), ``repeats`` times (:func:`_route_rows`): what grows with the
     experts a batch reaches (each one's adapter weights and whitening map, ``D x D``) weighs far
     more at ViT-B-32's width than at the embedded model's."""
     filled = _filled_zoo(root, experts, n_train, wide_backbone(root / "backbone", dim))
-    route: dict[str, list[float]] = {"experts_1": [], f"experts_{experts - 1}": []}
-    for _ in range(repeats):
-        route["experts_1"].append(_route_ms(filled["one"], filled["probe"]))
-        route[f"experts_{experts - 1}"].append(_route_ms(filled["zoo"], filled["probe"]))
+    route = [_route_pair(filled["one"], filled["zoo"], filled["probe"]) for _ in range(repeats)]
     return {"dim": dim, "experts": experts, "train_images_per_class": n_train, **_route_rows(route, filled)}
 
 

@@ -323,12 +323,14 @@ def test_add_and_route_measures_distinct_experts(tmp_path):
     is there, measured, and the probe is routed to more than one expert."""
     from clipzoo.bench.growth import add_and_route
 
-    g = add_and_route(tmp_path, experts=4, epochs=1, repeats=1, n_train=6)
+    g = add_and_route(tmp_path, experts=4, epochs=1, repeats=2, n_train=6)
     assert set(g["adds"]) == {"expert_2", "expert_4", "expert_2_small", "expert_4_small"} and g["probe_images"] > 0
     assert g["added_tasks"]["_small"]["classes"] == 2 and g["added_tasks"]["_domain"]["classes"] > 2
     for a in g["adds"].values():
         assert 0 < a["router_seconds"] < a["add_seconds"] and 0 < a["router_share"] < 1
     assert set(g["route_ms_per_image"]) == {"experts_1", "experts_3"} and g["ratio_route_last_vs_1"] > 0
+    lo, hi = g["ratio_route_range"]
+    assert lo <= g["ratio_route_last_vs_1"] <= hi and g["ratio_add_range_small"][0] <= g["ratio_add_last_vs_2_small"]
     assert 1 < g["probe_distinct_experts"] <= 3
     from clipzoo.bench.cost import remove_startup
 
