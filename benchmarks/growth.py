@@ -106,10 +106,11 @@ def add_and_route(root: Path, experts: int, epochs: int, repeats: int = 5, n_tra
            "added_tasks": {tag or "_domain": {"name": t.name, "classes": len(t.classes), "train_images": len(t.train)}
                            for tag, t in added.items()}}
     for tag in added:  # the ratio of each repeat's two adds, made one after the other
-        ratios = [b["add_seconds"] / a["add_seconds"] for a, b in zip(adds[f"expert_2{tag}"], adds[f"expert_{experts}{tag}"])]
+        first, last = f"expert_2{tag}", f"expert_{experts}{tag}"
+        ratios = [b["add_seconds"] / a["add_seconds"] for a, b in zip(adds[first], adds[last])]
         out[f"ratio_add_last_vs_2{tag}"] = round(statistics.median(ratios), 2)
         out[f"ratio_add_range{tag}"] = [round(min(ratios), 2), round(max(ratios), 2)]
-        out[f"router_share_max{tag}"] = max(med[f"expert_2{tag}"]["router_share"], med[f"expert_{experts}{tag}"]["router_share"])
+        out[f"router_share_max{tag}"] = max(med[first]["router_share"], med[last]["router_share"])
     return {**out, **_route_rows(route, filled),
             "bytes_per_expert_embedded": zoo_bytes_per_expert(z.root, len(z.names)),
             "zoo": z.root}
