@@ -9,11 +9,11 @@ import json
 import os
 import shutil
 import statistics
-import time
 from pathlib import Path
 
 import torch
 
+from clipzoo.bench.timing import alternating
 from clipzoo.tasks.data import load_builtin
 from clipzoo.tasks.sequence import class_pair_tasks
 from clipzoo.tasks.synthetic import DOMAINS
@@ -24,18 +24,11 @@ from clipzoo.zoo.zoo import Zoo
 
 def _route_pair(one, many, feats: torch.Tensor, calls: int = 20) -> tuple[float, float]:
     """Milliseconds per image of routing + the chosen experts (top-1, no fallback), warm, on zoo
-    ``one`` and zoo ``many``: their calls alternate, and each side keeps its best of ``calls`` (the
-    machine is shared; the least disturbed call is the cost, and both sides see the same spells
-    of load)."""
-    best = [float("inf"), float("inf")]
-    for z in (one, many):
-        z.predict_features(feats, fallback=False)  # the router and the experts are loaded
-    for _ in range(calls):
-        for side, z in enumerate((one, many)):
-            t0 = time.perf_counter()
-            z.predict_features(feats, fallback=False)
-            best[side] = min(best[side], time.perf_counter() - t0)
-    return 1000 * best[0] / len(feats), 1000 * best[1] / len(feats)
+    ``one`` and zoo ``many``: their calls alternate (:func:`clipzoo.bench.timing.alternating`), and
+    each side keeps its best of ``calls`` (the machine is shared; the least disturbed call is the cost)."""
+    t_one, t_many = alternating([lambda: one.predict_features(feats, fallback=False),
+                                 lambda: many.predict_features(feats, fallback=False)], calls)
+    return 1000 * min(t_one) / len(feats), 1000 * min(t_many) / len(feats)
 
 
 def _timed_add(src: Path, dest: Path, task, train) -> dict:

@@ -32,7 +32,6 @@ from __future__ import annotations
 import json
 import math
 import statistics
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -41,6 +40,7 @@ import torch
 from clipzoo.errors import ConfigError
 from clipzoo.tasks.data import TaskData, load_task, open_image
 from clipzoo.bench.harness import machine_info
+from clipzoo.bench.timing import alternating
 from clipzoo.tasks.metrics import accuracy
 from clipzoo.tasks.validation import DEFAULT_FRACTION, DEFAULT_SEED, validation_split
 from clipzoo.zoo.adapters import parse_kinds
@@ -64,13 +64,7 @@ def _batched(fn, *tensors, bs: int = 256) -> torch.Tensor:
 def _latency(path, frozen, repeats: int) -> tuple[float, float]:
     """Median seconds of ``path()`` and ``frozen()``, measured alternately after one warm-up each."""
     with torch.no_grad():
-        path(), frozen()
-        t_path, t_frozen = [], []
-        for _ in range(repeats):
-            for fn, out in ((frozen, t_frozen), (path, t_path)):
-                t0 = time.perf_counter()
-                fn()
-                out.append(time.perf_counter() - t0)
+        t_frozen, t_path = alternating([frozen, path], repeats)
     return statistics.median(t_path), statistics.median(t_frozen)
 
 

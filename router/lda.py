@@ -133,9 +133,8 @@ def unpack_upper(packed: np.ndarray, m: int) -> np.ndarray:
         full[i, i:] = packed[starts[i]:starts[i + 1]]
     for i in range(0, m, block):
         j = min(i + block, m)
-        tile = full[i:j, i:j]
-        lower = np.tril_indices(j - i, -1)
-        tile[lower] = tile.T[lower]
+        tile = np.triu(full[i:j, i:j])
+        full[i:j, i:j] = tile + np.triu(tile, 1).T
         full[j:, i:j] = full[i:j, j:].T
     return full
 
