@@ -16,7 +16,8 @@
 - routing + expert cost per image (``predict_features``, top-1, cached features: every built-in
   domain's test images, routed over many of the experts) at N-1 experts against 1 expert, the
   two zoos' calls alternating, each side's best of 20 calls; the median and range of the
-  repeats' ratios; the same at 512-d features (ViT-B-32's width), on
+  repeats' ratios; the same for fixed random draws of 8 and 32 of those images (a client's
+  mixed batch reaches fewer experts); the same at 512-d features (ViT-B-32's width), on
   the embedded towers with a 512-d embedding and random weights, 100 training images per class;
 - bytes per expert on disk: the built zoo's expert folders and router files, and the statistics
   plus router share for ViT-B-32-sized features (D=512, synthetic statistics).
@@ -234,12 +235,28 @@ def run_cost(runs: int = 5, small: int = 1000, large: int = 50_000, dim: int = 5
                                   f"route_{g['experts'] - 1}_within_1.5x_1": g["ratio_route_last_vs_1"] <= 1.5,
                                   f"route_{g['experts'] - 1}_within_1.5x_1_at_512d":
                                       result["route_at_512d"]["ratio_route_last_vs_1"] <= 1.5})
+        for where, r in (("", g), ("_at_512d", result["route_at_512d"])):
+            result["targets"].update({f"route_{g['experts'] - 1}_within_1.5x_1_batch_{b}{where}":
+                                      x["ratio_route_last_vs_1"] <= 1.5 for b, x in r["by_batch"].items()})
     return result
 
 
 def _span(r: list[float]) -> str:
     """A range of per-repeat ratios, as the table writes it."""
     return f"{r[0]}-{r[1]}x"
+
+
+def _route_cell(r: dict, n: int) -> str:
+    """A routing ratio with its repeats' range and both sides' milliseconds per image."""
+    ms = r["route_ms_per_image"]
+    return (f"{r['ratio_route_last_vs_1']}x (repeats {_span(r['ratio_route_range'])}; "
+            f"{ms['experts_1']} -> {ms[f'experts_{n - 1}']} ms)")
+
+
+def _batch_rows(r: dict, n: int, where: str) -> list[tuple[str, str, str]]:
+    """The routing rows of the smaller mixed batches (``by_batch``)."""
+    return [(f"the same, {b}-image batches{where} ({x['distinct_experts']} distinct experts)", _route_cell(x, n), "1.5x")
+            for b, x in r.get("by_batch", {}).items()]
 
 
 def markdown(res: dict) -> str:
@@ -279,17 +296,16 @@ def markdown(res: dict) -> str:
                      (f"router refresh share of that add, #2 / #{n}",
                       f"{round(100 * a2['router_share'])}% / {round(100 * an['router_share'])}% "
                       f"({a2['router_seconds']} / {an['router_seconds']} s)", "under 25%")]
-        rows += [(f"routing + expert per image, {n - 1} vs 1 experts ({g['probe_images']} cached images, top-1, "
-                  f"routed to {g['probe_distinct_experts']} distinct experts)",
-                  f"{g['ratio_route_last_vs_1']}x (repeats {_span(g['ratio_route_range'])}; "
-                  f"{g['route_ms_per_image']['experts_1']} -> "
-                  f"{g['route_ms_per_image'][f'experts_{n - 1}']} ms)", "1.5x"),
-                 *[(f"the same at {w['dim']}-d features (ViT-B-32 width: the embedded towers with a {w['dim']}-d "
-                    f"embedding, random weights; {w['probe_images']} images, {w['probe_distinct_experts']} distinct experts)",
-                    f"{w['ratio_route_last_vs_1']}x (repeats {_span(w['ratio_route_range'])}; "
-                    f"{w['route_ms_per_image']['experts_1']} -> "
-                    f"{w['route_ms_per_image'][f'experts_{n - 1}']} ms)", "1.5x") for w in [res.get("route_at_512d")] if w],
-                 ("bytes per expert, embedded backbone (all files / experts)",
+        rows.append((f"routing + expert per image, {n - 1} vs 1 experts ({g['probe_images']} cached images, top-1, "
+                     f"routed to {g['probe_distinct_experts']} distinct experts)", _route_cell(g, n), "1.5x"))
+        rows += _batch_rows(g, n, "")
+        w = res.get("route_at_512d")
+        if w:
+            rows.append((f"the same at {w['dim']}-d features (ViT-B-32 width: the embedded towers with a {w['dim']}-d "
+                         f"embedding, random weights; {w['probe_images']} images, {w['probe_distinct_experts']} "
+                         "distinct experts)", _route_cell(w, n), "1.5x"))
+            rows += _batch_rows(w, n, f" at {w['dim']}-d")
+        rows += [("bytes per expert, embedded backbone (all files / experts)",
                   f"{e['total']:,} (stats {e['stats']:,}, router {e['router']:,}; {e['router_versions_on_disk']} router version on disk)",
                   "-"),
                  *[(f"bytes per expert, ViT-B-32 size (D=512), {w['tasks']} experts: stats + {w['router_kind']} router",

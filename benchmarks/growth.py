@@ -1,6 +1,7 @@
 """What grows with the zoo, for ``clipzoo bench-cost`` (:mod:`clipzoo.bench.cost`): adding an expert
 with cached features at #2 and #N, routing + expert cost per image at 1 and N-1 experts (on the
-embedded backbone and at 512-d features), and bytes per expert on disk."""
+embedded backbone and at 512-d features; the whole probe and smaller mixed batches of it), and
+bytes per expert on disk."""
 
 from __future__ import annotations
 
@@ -60,17 +61,39 @@ def _filled_zoo(root: Path, experts: int, n_train: int, backbone: BackboneSpec =
     return {"domains": domains, "tasks": tasks, "one": Zoo.open(root / "zoo-1"), "zoo": z, "probe": probe}
 
 
-def _route_rows(pairs: list[tuple[float, float]], filled: dict) -> dict:
-    """The per-image routing figures of :func:`_route_pair` (one pair per repeat): medians of each
-    side, the median and range of the per-repeat ratios, and how many experts the probe reaches."""
-    n = len(filled["zoo"].names)
-    ratios = [b / a for a, b in pairs]
-    return {"probe_images": len(filled["probe"]),
-            "probe_distinct_experts": len(set(filled["zoo"].route(filled["probe"]).indices[:, 0].tolist())),
-            "route_ms_per_image": {"experts_1": round(statistics.median(a for a, _ in pairs), 4),
-                                   f"experts_{n}": round(statistics.median(b for _, b in pairs), 4)},
-            "ratio_route_last_vs_1": round(statistics.median(ratios), 2),
-            "ratio_route_range": [round(min(ratios), 2), round(max(ratios), 2)]}
+# smaller routed batches beside the whole probe: a single client's few images, a server micro-batch
+BATCHES = (8, 32)
+
+
+def _probe_batches(probe: torch.Tensor, sizes: tuple[int, ...] = BATCHES, seed: int = 0) -> dict[int, torch.Tensor]:
+    """The whole probe and, for each of ``sizes`` below its length, a fixed random draw of that
+    many of its images (mixed domains, as a client's batch would be): batch size -> features."""
+    order = torch.randperm(len(probe), generator=torch.Generator().manual_seed(seed))
+    return {**{n: probe[order[:n]] for n in sizes if n < len(probe)}, len(probe): probe}
+
+
+def _route_rows(pairs: dict[int, list[tuple[float, float]]], batches: dict[int, torch.Tensor], zoo) -> dict:
+    """The per-image routing figures of :func:`_route_pair` (one pair per repeat and batch size):
+    for the whole probe, medians of each side, the median and range of the per-repeat ratios and
+    how many experts it reaches; the same for each smaller batch under ``by_batch``."""
+    def rows(n: int) -> dict:
+        ratios = [b / a for a, b in pairs[n]]
+        return {"distinct_experts": len(set(zoo.route(batches[n]).indices[:, 0].tolist())),
+                "route_ms_per_image": {"experts_1": round(statistics.median(a for a, _ in pairs[n]), 4),
+                                       f"experts_{len(zoo.names)}": round(statistics.median(b for _, b in pairs[n]), 4)},
+                "ratio_route_last_vs_1": round(statistics.median(ratios), 2),
+                "ratio_route_range": [round(min(ratios), 2), round(max(ratios), 2)]}
+
+    whole = max(batches)
+    top = rows(whole)
+    return {"probe_images": whole, "probe_distinct_experts": top.pop("distinct_experts"), **top,
+            "by_batch": {str(n): rows(n) for n in sorted(batches) if n != whole}}
+
+
+def _route_repeat(one, many, batches: dict[int, torch.Tensor], pairs: dict[int, list]) -> None:
+    """One repeat of :func:`_route_pair` at every batch size, appended to ``pairs``."""
+    for n, feats in batches.items():
+        pairs.setdefault(n, []).append(_route_pair(one, many, feats))
 
 
 def add_and_route(root: Path, experts: int, epochs: int, repeats: int = 5, n_train: int = 300) -> dict:
@@ -86,12 +109,12 @@ def add_and_route(root: Path, experts: int, epochs: int, repeats: int = 5, n_tra
     added = {"": dataclasses.replace(filled["domains"][-1], name="added"), "_small": filled["tasks"][-1]}
     timed = TrainSettings(epochs=epochs)
     adds: dict[str, list[dict]] = {f"expert_{n}{tag}": [] for tag in added for n in (2, experts)}
-    route: list[tuple[float, float]] = []
+    batches, route = _probe_batches(probe), {}
     for _ in range(repeats):
         for tag, task in added.items():  # the same task as expert #2 and as expert #N
             adds[f"expert_2{tag}"].append(_timed_add(root / "zoo-1", root / "zoo-add", task, timed))
             adds[f"expert_{experts}{tag}"].append(_timed_add(z.root, root / "zoo-add", task, timed))
-        route.append(_route_pair(one, z, probe))
+        _route_repeat(one, z, batches, route)
     med = {k: {f: round(statistics.median(a[f] for a in v), 3) for f in v[0]} for k, v in adds.items()}
     for a in med.values():
         a["router_share"] = round(a["router_seconds"] / a["add_seconds"], 3)
@@ -104,7 +127,7 @@ def add_and_route(root: Path, experts: int, epochs: int, repeats: int = 5, n_tra
         out[f"ratio_add_last_vs_2{tag}"] = round(statistics.median(ratios), 2)
         out[f"ratio_add_range{tag}"] = [round(min(ratios), 2), round(max(ratios), 2)]
         out[f"router_share_max{tag}"] = max(med[first]["router_share"], med[last]["router_share"])
-    return {**out, **_route_rows(route, filled),
+    return {**out, **_route_rows(route, batches, z),
             "bytes_per_expert_embedded": zoo_bytes_per_expert(z.root, len(z.names)),
             "zoo": z.root}
 
@@ -134,8 +157,10 @@ def route_at_width(root: Path, dim: int, experts: int, repeats: int = 3, n_train
     experts a batch reaches (each one's adapter weights and whitening map, ``D x D``) weighs far
     more at ViT-B-32's width than at the embedded model's."""
     filled = _filled_zoo(root, experts, n_train, wide_backbone(root / "backbone", dim))
-    route = [_route_pair(filled["one"], filled["zoo"], filled["probe"]) for _ in range(repeats)]
-    return {"dim": dim, "experts": experts, "train_images_per_class": n_train, **_route_rows(route, filled)}
+    batches, route = _probe_batches(filled["probe"]), {}
+    for _ in range(repeats):
+        _route_repeat(filled["one"], filled["zoo"], batches, route)
+    return {"dim": dim, "experts": experts, "train_images_per_class": n_train, **_route_rows(route, batches, filled["zoo"])}
 
 
 def zoo_bytes_per_expert(root: Path, n: int) -> dict:

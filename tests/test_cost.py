@@ -332,7 +332,14 @@ def test_add_and_route_measures_distinct_experts(tmp_path):
     lo, hi = g["ratio_route_range"]
     assert lo <= g["ratio_route_last_vs_1"] <= hi and g["ratio_add_range_small"][0] <= g["ratio_add_last_vs_2_small"]
     assert 1 < g["probe_distinct_experts"] <= 3
-    from clipzoo.bench.cost import remove_startup
+    assert set(g["by_batch"]) == {"8", "32"}  # fixed draws of the probe, each timed like it
+    for b, x in g["by_batch"].items():
+        assert 1 <= x["distinct_experts"] <= min(int(b), 3) and x["route_ms_per_image"]["experts_3"] > 0
+        assert x["ratio_route_range"][0] <= x["ratio_route_last_vs_1"] <= x["ratio_route_range"][1]
+    from clipzoo.bench.cost import _batch_rows, remove_startup
+
+    assert [r[0].split(",")[1].split("(")[0].strip() for r in _batch_rows(g, 4, "")] == \
+        ["8-image batches", "32-image batches"]
 
     r = remove_startup(g["zoo"], tmp_path, 1, dict(os.environ), help_s=1.0)
     assert r["experts_before"] == 3 and r["heavy_modules_imported"] == [] and r["median_s"] > 0
@@ -360,4 +367,5 @@ def test_route_at_width_builds_a_wide_zoo_and_measures_both_sizes(tmp_path):
     w = route_at_width(tmp_path, 32, experts=4, repeats=1, n_train=6)
     assert w["dim"] == 32 and set(w["route_ms_per_image"]) == {"experts_1", "experts_3"}
     assert all(v > 0 for v in w["route_ms_per_image"].values()) and 1 < w["probe_distinct_experts"] <= 3
+    assert set(w["by_batch"]) == {"8", "32"}
     assert Zoo.open(tmp_path / "zoo-n").router().dim == 32
