@@ -338,8 +338,8 @@ def test_add_and_route_measures_distinct_experts(tmp_path):
         assert x["ratio_route_range"][0] <= x["ratio_route_last_vs_1"] <= x["ratio_route_range"][1]
     from clipzoo.bench.cost import _batch_rows, remove_startup
 
-    assert [r[0].split(",")[1].split("(")[0].strip() for r in _batch_rows(g, 4, "")] == \
-        ["8-image batches", "32-image batches"]
+    names = [r[0] for r in _batch_rows(g, 4, "")]
+    assert len(names) == 2 and "8-image batches" in names[0] and "32-image batches" in names[1]
 
     r = remove_startup(g["zoo"], tmp_path, 1, dict(os.environ), help_s=1.0)
     assert r["experts_before"] == 3 and r["heavy_modules_imported"] == [] and r["median_s"] > 0
