@@ -231,13 +231,10 @@ def run_cost(runs: int = 5, small: int = 1000, large: int = 50_000, dim: int = 5
                                   f"add_expert_{g['experts']}_within_1.2x_expert_2_2_class_task":
                                       g["ratio_add_last_vs_2_small"] <= 1.2,
                                   "router_refresh_under_25%_of_add": g["router_share_max"] < 0.25,
-                                  "router_refresh_under_25%_of_add_2_class_task": g["router_share_max_small"] < 0.25,
-                                  f"route_{g['experts'] - 1}_within_1.5x_1": g["ratio_route_last_vs_1"] <= 1.5,
-                                  f"route_{g['experts'] - 1}_within_1.5x_1_at_512d":
-                                      result["route_at_512d"]["ratio_route_last_vs_1"] <= 1.5})
-        for where, r in (("", g), ("_at_512d", result["route_at_512d"])):
-            result["targets"].update({f"route_{g['experts'] - 1}_within_1.5x_1_batch_{b}{where}":
-                                      x["ratio_route_last_vs_1"] <= 1.5 for b, x in r["by_batch"].items()})
+                                  "router_refresh_under_25%_of_add_2_class_task": g["router_share_max_small"] < 0.25})
+        for where, r in (("", g), ("_at_512d", result["route_at_512d"])):  # the whole probe, then each draw
+            for batch, x in [("", r), *((f"_batch_{b}", x) for b, x in r["by_batch"].items())]:
+                result["targets"][f"route_{g['experts'] - 1}_within_1.5x_1{batch}{where}"] = x["ratio_route_last_vs_1"] <= 1.5
     return result
 
 
